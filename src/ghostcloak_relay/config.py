@@ -1,0 +1,189 @@
+"""Relay configuration: one table of options, read from the environment and flags.
+
+Every option has an environment variable and a command-line flag; the flag wins.
+``PORT`` and ``MIDNIGHT_NODE`` keep the names of the original design, everything else
+is ``RELAY_*``. A bad value raises :class:`ConfigError` whose message is the single line
+the CLI prints before exiting non-zero: it names the variable, the value and what is
+allowed. This module is pure: it reads a mapping, never ``os.environ`` itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["OPTIONS", "ConfigError", "Option", "Settings", "load_settings"]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """An invalid setting; ``str(err)`` is one line naming variable, value and rule."""
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw.strip(), 10)
+    if value <= 0:
+        raise ValueError
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw.strip(), 10)
+    if not 0 <= value <= 65535:
+        raise ValueError
+    return value
+
+
+def _seconds(raw: str) -> float:
+    value = float(raw.strip())
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError
+    return value
+
+
+def _node_urls(raw: str) -> tuple[str, ...]:
+    urls = tuple(part.strip() for part in raw.split(",") if part.strip())
+    if not urls:
+        raise ValueError
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError
+        _ = parts.port  # raises ValueError on a malformed port
+    return urls
+
+
+def _log_level(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in LOG_LEVELS:
+        raise ValueError
+    return value
+
+
+def _text(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: where it comes from, how it parses, what it means."""
+
+    name: str  # attribute of Settings
+    env: str
+    default: str | None
+    parse: Callable[[str], Any]
+    allowed: str  # human rule, used in errors and --help
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("port", "PORT", "8443", _port, "an integer 0-65535 (0 picks a free port)",
+           "TCP port for /relay, /health and the other routes"),
+    Option("host", "RELAY_HOST", "0.0.0.0", _text, "an interface address or host name",
+           "address to listen on"),
+    Option("node", "MIDNIGHT_NODE", "ws://127.0.0.1:9944", _node_urls,
+           "one or more ws:// or wss:// URLs, comma-separated",
+           "upstream Midnight node WebSocket URL"),
+    Option("tls_cert", "RELAY_TLS_CERT", None, _text, "a path to a PEM certificate chain",
+           "serve TLS (1.2 or newer) with this certificate; needs RELAY_TLS_KEY"),
+    Option("tls_key", "RELAY_TLS_KEY", None, _text, "a path to a PEM private key",
+           "private key for RELAY_TLS_CERT"),
+    Option("max_sessions_per_connection", "RELAY_MAX_SESSIONS_PER_CONNECTION", "16",
+           _positive_int, "an integer above zero",
+           "sessions one client connection may hold open at once"),
+    Option("session_max_age", "RELAY_SESSION_MAX_AGE", "3600", _seconds,
+           "seconds above zero (fractions allowed)",
+           "a session older than this is ended (reason expired) at the next cleanup"),
+    Option("cleanup_interval", "RELAY_CLEANUP_INTERVAL", "600", _seconds,
+           "seconds above zero (fractions allowed)", "how often expired sessions are ended"),
+    Option("log_interval", "RELAY_LOG_INTERVAL", "60", _seconds,
+           "seconds above zero (fractions allowed)",
+           "how often the 'Active sessions: N, RSS: ..' line is logged"),
+    Option("shutdown_timeout", "RELAY_SHUTDOWN_TIMEOUT", "10", _seconds,
+           "seconds above zero (fractions allowed)",
+           "longest a graceful shutdown may take after SIGTERM/SIGINT"),
+    Option("log_level", "RELAY_LOG_LEVEL", "info", _log_level,
+           "one of " + ", ".join(LOG_LEVELS), "log verbosity"),
+    Option("max_queued_messages", "RELAY_MAX_QUEUED_MESSAGES", "64", _positive_int,
+           "an integer above zero",
+           "proxy messages held per session while its upstream is still connecting"),
+    Option("max_message_bytes", "RELAY_MAX_MESSAGE_BYTES", str(16 * 1024 * 1024), _positive_int,
+           "an integer above zero (bytes)",
+           "largest WebSocket message accepted in either direction"),
+    Option("upstream_connect_timeout", "RELAY_UPSTREAM_CONNECT_TIMEOUT", "10", _seconds,
+           "seconds above zero (fractions allowed)",
+           "longest the TCP connect plus WebSocket handshake to a node may take"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The relay's validated configuration (see :data:`OPTIONS` for meanings)."""
+
+    port: int = 8443
+    host: str = "0.0.0.0"
+    node: tuple[str, ...] = ("ws://127.0.0.1:9944",)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_sessions_per_connection: int = 16
+    session_max_age: float = 3600.0
+    cleanup_interval: float = 600.0
+    log_interval: float = 60.0
+    shutdown_timeout: float = 10.0
+    log_level: str = "info"
+    max_queued_messages: int = 64
+    max_message_bytes: int = 16 * 1024 * 1024
+    upstream_connect_timeout: float = 10.0
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+
+def _describe(raw: str) -> str:
+    return repr(raw) if len(raw) <= 200 else repr(raw[:200] + "...")
+
+
+def load_settings(
+    environ: Mapping[str, str], flags: Mapping[str, str | None] | None = None
+) -> Settings:
+    """Build :class:`Settings` from ``environ`` and ``flags`` (flag wins).
+
+    ``flags`` maps option names (``"port"``) to raw strings, ``None`` meaning not given.
+    """
+    flags = flags or {}
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw = flags.get(opt.name)
+        source = opt.flag
+        if raw is None:
+            raw = environ.get(opt.env)
+            source = opt.env
+        if raw is None:
+            if opt.default is None:
+                values[opt.name] = None
+                continue
+            raw, source = opt.default, opt.env
+        try:
+            values[opt.name] = opt.parse(raw)
+        except ValueError:
+            label = opt.env if source == opt.env else f"{opt.env} ({opt.flag})"
+            raise ConfigError(
+                f"invalid {label}={_describe(raw)}: expected {opt.allowed}"
+            ) from None
+    if (values["tls_cert"] is None) != (values["tls_key"] is None):
+        raise ConfigError(
+            "invalid RELAY_TLS_CERT/RELAY_TLS_KEY: expected both set (TLS) or neither (plain)"
+        )
+    return Settings(**values)

@@ -1,0 +1,68 @@
+"""Logging that cannot identify a wallet.
+
+Rules (``docs/privacy.md``): no client IP or port, no raw session id, no payload, method
+or parameter, no client header value, no exception text, at every level. Events that
+must be correlated use :func:`ref`, a keyed hash with a random per-process key, so the
+same session shows the same short token within one process and nothing outside it can
+recompute it. picows logs peer addresses at INFO, so its loggers are given a logger
+that is switched off (:data:`SILENT`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import sys
+import traceback
+from types import TracebackType
+from typing import Any
+
+__all__ = ["SILENT", "configure_logging", "ref", "safe_exception"]
+
+_KEY = secrets.token_bytes(32)
+
+#: A logger that drops everything, for libraries that would log peer addresses.
+SILENT = logging.Logger("ghostcloak_relay.silenced", logging.CRITICAL + 10)
+SILENT.propagate = False
+SILENT.disabled = True
+
+
+def ref(value: str) -> str:
+    """A short keyed hash of ``value`` for correlating log lines (not reversible)."""
+    return hashlib.blake2b(value.encode(), key=_KEY, digest_size=6).hexdigest()
+
+
+def safe_exception(exc: BaseException) -> str:
+    """Exception type and where it was raised, without its message (which may hold data)."""
+    tb: TracebackType | None = exc.__traceback__
+    where = ""
+    if tb is not None:
+        last = traceback.extract_tb(tb)[-1]
+        where = f" at {last.filename.rsplit('/', 1)[-1]}:{last.lineno}"
+    return f"{type(exc).__name__}{where}"
+
+
+class _NoExceptionText(logging.Formatter):
+    """Formats tracebacks as type and location only, whatever a caller passes."""
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging API)
+        exc = ei[1]
+        return "exception: " + (safe_exception(exc) if exc is not None else "unknown")
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return ""
+
+
+def configure_logging(level: str) -> None:
+    """Send relay logs to stderr at ``level``; quiet third-party loggers."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_NoExceptionText("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # picows is always given SILENT, but in case a default logger sneaks in:
+    logging.getLogger("picows").setLevel(logging.CRITICAL + 10)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 10)

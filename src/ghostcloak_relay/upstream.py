@@ -1,0 +1,111 @@
+"""Dial the node: one fresh WebSocket connection per session, carrying nothing of the client.
+
+The handshake the node sees is exactly what picows writes for a client (``Host`` of the
+node, ``Upgrade``, ``Connection``, ``Sec-WebSocket-Key``, ``Sec-WebSocket-Version``) plus
+the fixed ``User-Agent`` below. No client header, subprotocol or extension is ever
+forwarded: :func:`connect` takes no headers from its caller. Connections are never
+pooled or reused between sessions.
+
+Frames from the node are assembled into messages and handed to an
+:class:`UpstreamSink` (the session at the edge), synchronously from picows' callback,
+so ordering is the node's order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Protocol
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from .frames import FrameError, MessageAssembler
+from .logs import SILENT
+
+__all__ = ["USER_AGENT", "UpstreamListener", "UpstreamSink", "connect"]
+
+#: The only header the relay adds to the upstream handshake: generic, the same for all.
+USER_AGENT = "ghostcloak-relay"
+
+#: Initial picows read buffer per upstream connection; it grows for big messages.
+READ_BUFFER_INIT = 1024
+
+
+class UpstreamSink(Protocol):
+    """What an upstream connection reports to (implemented by the session)."""
+
+    def on_upstream_open(self, transport: WSTransport) -> None: ...
+    def on_upstream_message(self, data: bytes | str) -> None: ...
+    def on_upstream_closed(self, clean: bool) -> None: ...
+
+
+class UpstreamListener(WSListener):
+    """picows listener for one upstream connection."""
+
+    def __init__(self, sink: UpstreamSink, max_message_bytes: int) -> None:
+        super().__init__()
+        self._sink = sink
+        self._assembler = MessageAssembler(max_message_bytes)
+        self._clean_close = False
+        self._failed = False
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._sink.on_upstream_open(transport)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        msg_type = frame.msg_type
+        if msg_type is WSMsgType.TEXT and frame.fin and not self._assembler.in_progress:
+            # hot path: a whole message in one frame; the sink validates it as JSON.
+            self._sink.on_upstream_message(frame.get_payload_as_bytes())
+            return
+        if msg_type is WSMsgType.CLOSE:
+            code = frame.get_close_code()
+            self._clean_close = code in (WSCloseCode.OK, WSCloseCode.GOING_AWAY)
+            transport.send_close(code if code is not WSCloseCode.NO_INFO else WSCloseCode.OK)
+            transport.disconnect()
+            return
+        if msg_type in (WSMsgType.PING, WSMsgType.PONG):
+            return
+        try:
+            message = self._assembler.feed(
+                frame.msg_type.value, frame.fin, frame.get_payload_as_bytes()
+            )
+        except FrameError as exc:
+            self._failed = True
+            transport.send_close(WSCloseCode(exc.code))
+            transport.disconnect()
+            return
+        if message is not None:
+            self._sink.on_upstream_message(message)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self._sink.on_upstream_closed(self._clean_close and not self._failed)
+
+
+async def connect(
+    url: str,
+    sink: UpstreamSink,
+    *,
+    timeout: float,
+    max_message_bytes: int,
+    ssl_context: ssl.SSLContext | None = None,
+) -> WSTransport:
+    """Open a fresh connection to ``url``; ``sink.on_upstream_open`` runs before return.
+
+    Raises ``OSError``, ``TimeoutError`` or a picows error when the node cannot be
+    reached within ``timeout`` seconds (TCP connect plus WebSocket handshake).
+    """
+    async with asyncio.timeout(timeout):
+        transport, _ = await ws_connect(
+            lambda: UpstreamListener(sink, max_message_bytes),
+            url,
+            ssl_context=ssl_context,
+            websocket_handshake_timeout=timeout,
+            logger_name=SILENT,
+            enable_auto_pong=True,
+            max_frame_size=max_message_bytes,
+            read_buffer_init_size=READ_BUFFER_INIT,
+            extra_headers={"User-Agent": USER_AGENT},
+            max_redirects=0,
+        )
+    return transport
