@@ -1,0 +1,32 @@
+# GhostCloak Relay container image.
+#   docker build -t ghostcloak-relay .
+#   docker run -p 8443:8443 -e MIDNIGHT_NODE=ws://node:9944 ghostcloak-relay
+# tests/test_container.py runs the install step and the start command below in a clean
+# virtual environment, since these machines have no Docker engine.
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY src ./src
+
+# install step
+RUN python -m venv /opt/relay && /opt/relay/bin/pip install /app
+
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin relay
+USER 10001
+
+ENV PATH=/opt/relay/bin:$PATH \
+    PORT=8443 \
+    RELAY_HOST=0.0.0.0
+EXPOSE 8443
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-m", "ghostcloak_relay.healthcheck"]
+
+STOPSIGNAL SIGTERM
+CMD ["ghostcloak-relay", "serve"]
