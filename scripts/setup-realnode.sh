@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the real-node test harness (tier 3 of docs: chopsticks serving a real
+# Install the real-node test harness (tier 3 of ../shared/DESIGN.md: chopsticks serving a real
 # Substrate runtime, and the Node clients that drive it) into .realnode/.
 #
 #   scripts/setup-realnode.sh

@@ -78,6 +78,14 @@ class Client:
             assert msg.get(key) == value, f"expected {key}={value!r} in {msg}"
         return msg
 
+    async def until(self, timeout: float = TIMEOUT, **fields: Any) -> dict[str, Any]:
+        """Read messages until one matches ``fields`` (others are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = await self.recv(max(0.01, deadline - time.monotonic()))
+            if all(msg.get(k) == v for k, v in fields.items()):
+                return msg
+
     async def start(self, sid: str) -> None:
         await self.send({"type": "session_start", "sessionId": sid})
         await self.expect(type="session_started", sessionId=sid)
@@ -87,8 +95,12 @@ class Client:
             {
                 "type": "proxy",
                 "sessionId": sid,
-                "payload": {"jsonrpc": "2.0", "id": req_id, "method": method,
-                            "params": params or []},
+                "payload": {
+                    "jsonrpc": "2.0",
+                    "id": req_id,
+                    "method": method,
+                    "params": params or [],
+                },
             }
         )
         msg = await self.expect(type="proxy", sessionId=sid)
@@ -313,7 +325,9 @@ class RelayProcess:
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "ghostcloak-relay"), "serve", *(args or [])],
-            env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+            env=full_env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     @property

@@ -21,8 +21,13 @@ EXE = str(VENV_BIN / "ghostcloak-relay")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> Any:
-    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=timeout,
-                          env={"PATH": "/usr/bin:/bin", **(env or {})})
+    return subprocess.run(
+        [EXE, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+    )
 
 
 def test_serve_help_documents_every_option_and_variable() -> None:
@@ -33,8 +38,12 @@ def test_serve_help_documents_every_option_and_variable() -> None:
 
 
 def test_python_dash_m_works() -> None:
-    result = subprocess.run([sys.executable, "-m", "ghostcloak_relay", "--version"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "ghostcloak_relay", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0
     assert "ghostcloak-relay" in result.stdout
 
@@ -49,8 +58,12 @@ def test_python_dash_m_works() -> None:
         ({"RELAY_CLEANUP_INTERVAL": "-1"}, [], "RELAY_CLEANUP_INTERVAL", "-1"),
         ({"RELAY_LOG_LEVEL": "loud"}, [], "RELAY_LOG_LEVEL", "loud"),
         ({}, ["--max-sessions-per-connection", "0"], "RELAY_MAX_SESSIONS_PER_CONNECTION", "0"),
-        ({"RELAY_SHUTDOWN_TIMEOUT": "5"}, ["--shutdown-timeout", "soon"],
-         "RELAY_SHUTDOWN_TIMEOUT", "soon"),
+        (
+            {"RELAY_SHUTDOWN_TIMEOUT": "5"},
+            ["--shutdown-timeout", "soon"],
+            "RELAY_SHUTDOWN_TIMEOUT",
+            "soon",
+        ),
     ],
 )
 def test_invalid_value_exits_with_one_line(
@@ -66,7 +79,8 @@ def test_invalid_value_exits_with_one_line(
 
 
 async def test_sigterm_ends_sessions_closes_1001_and_exits_0(
-    relay_process: Callable[..., Any], devnode: DevNode,
+    relay_process: Callable[..., Any],
+    devnode: DevNode,
     client_factory: Callable[..., Awaitable[Client]],
 ) -> None:
     proc = relay_process({"MIDNIGHT_NODE": devnode.url, "RELAY_SHUTDOWN_TIMEOUT": "5"})
@@ -76,8 +90,9 @@ async def test_sigterm_ends_sessions_closes_1001_and_exits_0(
     await c.start("sigterm-session-2")
     assert (await c.call("sigterm-session-1", "system_chain"))["result"] == "GhostCloak Dev"
     proc.proc.send_signal(signal.SIGTERM)
-    ended = {(await c.expect(type="session_ended", reason="shutdown"))["sessionId"]
-             for _ in range(2)}
+    ended = {
+        (await c.expect(type="session_ended", reason="shutdown"))["sessionId"] for _ in range(2)
+    }
     assert ended == {"sigterm-session-1", "sigterm-session-2"}
     with pytest.raises(ConnectionClosed):
         await c.recv()
@@ -126,15 +141,25 @@ def test_demo_runs_the_scripted_session() -> None:
     result = run_cli("demo", "--port", "0", "--exit-after-script", timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    for expected in ("session_started", "system_chain", "'GhostCloak Dev'",
-                     "chain_subscribeNewHeads", "new head #", "session_ended (client)"):
+    for expected in (
+        "session_started",
+        "system_chain",
+        "'GhostCloak Dev'",
+        "chain_subscribeNewHeads",
+        "new head #",
+        "session_ended (client)",
+    ):
         assert expected in out
 
 
 async def test_devnode_command_serves_until_sigterm(tmp_path: Any) -> None:
     port = free_port()
-    proc = subprocess.Popen([EXE, "devnode", "--port", str(port), "--block-time", "0.2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [EXE, "devnode", "--port", str(port), "--block-time", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         from websockets.asyncio.client import connect
 

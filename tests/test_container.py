@@ -43,7 +43,8 @@ def test_dockerfile_is_production_shaped() -> None:
     kinds = [k for k, _ in ins]
     assert re.fullmatch(r"python:3\.1[1-9]-slim", dict(ins)["FROM"])
     user = [v for k, v in ins if k == "USER"]
-    assert user and user[-1] not in ("root", "0")
+    assert user
+    assert user[-1] not in ("root", "0")
     assert ("EXPOSE", "8443") in ins
     assert "HEALTHCHECK" in kinds
     assert json.loads(dict(ins)["CMD"]) == ["ghostcloak-relay", "serve"]
@@ -64,26 +65,42 @@ def test_install_and_start_steps_in_a_clean_venv(tmp_path: Path) -> None:
             for src in sources:
                 target = app / dest if dest not in ("./", ".") else app
                 if (ROOT / src).is_dir():
-                    shutil.copytree(ROOT / src, target, ignore=shutil.ignore_patterns(
-                        "__pycache__"))
+                    shutil.copytree(
+                        ROOT / src, target, ignore=shutil.ignore_patterns("__pycache__")
+                    )
                 else:
                     shutil.copy(ROOT / src, app)
     install = [v for k, v in ins if k == "RUN" and "pip install" in v]
     assert len(install) == 1
     cmd = install[0].replace("/opt/relay", str(venv)).replace("/app", str(app))
     cmd = cmd.replace("python -m venv", f"{shlex.quote(sys.executable)} -m venv")
-    subprocess.run(["bash", "-c", cmd], check=True, timeout=600, cwd=app,
-                   env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    subprocess.run(
+        ["bash", "-c", cmd],
+        check=True,
+        timeout=600,
+        cwd=app,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
 
     env_vars = dict(re.findall(r"(\w+)=(\S+)", " ".join(v for k, v in ins if k == "ENV")))
     port = free_port()
-    env = {"PATH": f"{venv}/bin:/usr/bin:/bin", "HOME": str(tmp_path),
-           **{k: v for k, v in env_vars.items() if k != "PATH"},
-           "PORT": str(port), "RELAY_HOST": "127.0.0.1"}
+    env = {
+        "PATH": f"{venv}/bin:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        **{k: v for k, v in env_vars.items() if k != "PATH"},
+        "PORT": str(port),
+        "RELAY_HOST": "127.0.0.1",
+    }
     health_cmd = json.loads(dict(ins)["HEALTHCHECK"].split(" CMD ", 1)[1])
     stopsignal = getattr(signal, dict(ins).get("STOPSIGNAL", "SIGTERM"))
-    proc = subprocess.Popen(json.loads(dict(ins)["CMD"]), env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        json.loads(dict(ins)["CMD"]),
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while True:

@@ -79,9 +79,7 @@ async def test_unknown_paths_are_404_for_get_and_upgrade(relay: RelayServer, pat
 # -- sessions ------------------------------------------------------------------------------
 
 
-async def test_round_trip_through_a_fresh_upstream(
-    client: Client, devnode: DevNode
-) -> None:
+async def test_round_trip_through_a_fresh_upstream(client: Client, devnode: DevNode) -> None:
     await client.start(SID)
     assert devnode.total_connections == 1
     reply = await client.call(SID, "system_chain")
@@ -104,8 +102,13 @@ async def test_several_sessions_per_connection_each_with_its_own_upstream(
         await client.start(sid)
     assert devnode.total_connections == 5
     for i, sid in enumerate(sids):
-        await client.send({"type": "proxy", "sessionId": sid,
-                           "payload": {"jsonrpc": "2.0", "id": 100 + i, "method": "system_health"}})
+        await client.send(
+            {
+                "type": "proxy",
+                "sessionId": sid,
+                "payload": {"jsonrpc": "2.0", "id": 100 + i, "method": "system_health"},
+            }
+        )
     got = {}
     for _ in sids:
         msg = await client.expect(type="proxy")
@@ -122,8 +125,13 @@ async def test_messages_before_session_started_are_queued_in_order(
         c = await client_factory(relay_url(relay))
         await c.send({"type": "session_start", "sessionId": SID})
         for i in range(5):
-            await c.send({"type": "proxy", "sessionId": SID,
-                          "payload": {"jsonrpc": "2.0", "id": i, "method": "system_chain"}})
+            await c.send(
+                {
+                    "type": "proxy",
+                    "sessionId": SID,
+                    "payload": {"jsonrpc": "2.0", "id": i, "method": "system_chain"},
+                }
+            )
         first = await c.recv()
         assert first == {"type": "session_started", "sessionId": SID}
         ids = [(await c.expect(type="proxy", sessionId=SID))["payload"]["id"] for _ in range(5)]
@@ -141,8 +149,13 @@ async def test_queue_before_start_is_bounded(
         c = await client_factory(relay_url(relay))
         await c.send({"type": "session_start", "sessionId": SID})
         for i in range(3):
-            await c.send({"type": "proxy", "sessionId": SID,
-                          "payload": {"jsonrpc": "2.0", "id": i, "method": "system_chain"}})
+            await c.send(
+                {
+                    "type": "proxy",
+                    "sessionId": SID,
+                    "payload": {"jsonrpc": "2.0", "id": i, "method": "system_chain"},
+                }
+            )
         err = await c.expect(type="error", code="queue_full", sessionId=SID)
         assert err["message"]
         await c.expect(type="session_started", sessionId=SID)
@@ -167,8 +180,10 @@ async def test_subscription_notifications_come_back_as_proxy_envelopes(
 
 async def test_batch_request_and_response(client: Client) -> None:
     await client.start(SID)
-    batch = [{"jsonrpc": "2.0", "id": i, "method": m}
-             for i, m in enumerate(["system_chain", "system_name", "no_such_method"])]
+    batch = [
+        {"jsonrpc": "2.0", "id": i, "method": m}
+        for i, m in enumerate(["system_chain", "system_name", "no_such_method"])
+    ]
     await client.send({"type": "proxy", "sessionId": SID, "payload": batch})
     msg = await client.expect(type="proxy", sessionId=SID)
     by_id = {item["id"]: item for item in msg["payload"]}
@@ -189,11 +204,19 @@ async def test_node_cannot_inject_envelope_fields(
     relay = await relay_factory(node=(upstream.url,))
     c = await client_factory(relay_url(relay))
     await c.start(SID)
-    await c.send({"type": "proxy", "sessionId": SID,
-                  "payload": {"jsonrpc": "2.0", "id": 1, "method": "x"}})
+    await c.send(
+        {
+            "type": "proxy",
+            "sessionId": SID,
+            "payload": {"jsonrpc": "2.0", "id": 1, "method": "system_chain"},
+        }
+    )
     first = await c.expect(type="proxy", sessionId=SID)
-    assert first["payload"] == {"type": "session_ended", "sessionId": "other-session",
-                                "reason": "x"}
+    assert first["payload"] == {
+        "type": "session_ended",
+        "sessionId": "other-session",
+        "reason": "x",
+    }
     second = await c.expect(type="proxy", sessionId=SID)
     assert second["payload"] == '"}, "type": "error", "x": {"'
     third = await c.expect(type="session_ended", sessionId=SID)
@@ -209,20 +232,33 @@ async def test_session_end_closes_the_upstream(
     await client.send({"type": "session_end", "sessionId": SID})
     assert await client.recv() == {"type": "session_ended", "sessionId": SID, "reason": "client"}
     await eventually(lambda: devnode.active_connections == 1, what="upstream closed")
-    await client.send({"type": "proxy", "sessionId": SID,
-                       "payload": {"jsonrpc": "2.0", "id": 1, "method": "system_chain"}})
+    await client.send(
+        {
+            "type": "proxy",
+            "sessionId": SID,
+            "payload": {"jsonrpc": "2.0", "id": 1, "method": "system_chain"},
+        }
+    )
     await client.expect(type="error", code="unknown_session", sessionId=SID)
     assert (await client.call(SID2, "system_chain"))["result"] == "GhostCloak Dev"
     assert relay.manager.active_count() == 1
 
 
-@pytest.mark.parametrize(("how", "reason"), [("close1000", "upstream_closed"),
-                                             ("close1001", "upstream_closed"),
-                                             ("close1011", "upstream_error"),
-                                             ("abort", "upstream_error")])
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("close1000", "upstream_closed"),
+        ("close1001", "upstream_closed"),
+        ("close1011", "upstream_error"),
+        ("abort", "upstream_error"),
+    ],
+)
 async def test_upstream_closing_mid_session_ends_only_that_session(
-    relay_factory: RelayFactory, upstream: ScriptedUpstream, client_factory: ClientFactory,
-    how: str, reason: str,
+    relay_factory: RelayFactory,
+    upstream: ScriptedUpstream,
+    client_factory: ClientFactory,
+    how: str,
+    reason: str,
 ) -> None:
     relay = await relay_factory(node=(upstream.url,))
     c = await client_factory(relay_url(relay))
@@ -253,8 +289,13 @@ async def test_unreachable_upstream_gives_error_and_leaves_no_session(
     assert "127.0.0.1" not in err["message"]
     assert relay.manager.active_count() == 0
     assert (await health(relay))["activeSessions"] == 0
-    await c.send({"type": "proxy", "sessionId": SID,
-                  "payload": {"jsonrpc": "2.0", "id": 1, "method": "system_chain"}})
+    await c.send(
+        {
+            "type": "proxy",
+            "sessionId": SID,
+            "payload": {"jsonrpc": "2.0", "id": 1, "method": "system_chain"},
+        }
+    )
     await c.expect(type="error", code="unknown_session")
     # the id is free again
     await c.send({"type": "session_start", "sessionId": SID})
@@ -301,8 +342,11 @@ BAD_INPUTS: list[tuple[str, str, str | None]] = [
     ('{"type": "proxy", "sessionId": "has spaces in it", "payload": {}}', "bad_session_id", None),
     ('{"type": "session_start", "sessionId": 12345678}', "bad_session_id", None),
     ('{"type": "session_end"}', "bad_session_id", None),
-    ('{"type": "proxy", "sessionId": "nosuchsession", "payload": {"id": 1}}',
-     "unknown_session", "nosuchsession"),
+    (
+        '{"type": "proxy", "sessionId": "nosuchsession", "payload": {"id": 1}}',
+        "unknown_session",
+        "nosuchsession",
+    ),
     ('{"type": "session_end", "sessionId": "nosuchsession"}', "unknown_session", "nosuchsession"),
     ('{"type": "proxy", "sessionId": "session-0001", "payload": 5}', "bad_message", SID),
 ]
@@ -315,7 +359,8 @@ async def test_bad_input_gets_an_error_and_changes_nothing(
     await client.start(SID)
     await client.ws.send(raw)
     err = await client.expect(type="error", code=code)
-    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["message"], str)
+    assert err["message"]
     assert err.get("sessionId") == echo
     assert set(err) <= {"type", "code", "message", "sessionId"}
     assert (await client.call(SID, "system_chain"))["result"] == "GhostCloak Dev"
@@ -341,8 +386,13 @@ async def test_another_connection_cannot_use_or_end_a_session(
     owner = await client_factory(relay_url(relay))
     intruder = await client_factory(relay_url(relay))
     await owner.start(SID)
-    await intruder.send({"type": "proxy", "sessionId": SID,
-                         "payload": {"jsonrpc": "2.0", "id": 9, "method": "system_chain"}})
+    await intruder.send(
+        {
+            "type": "proxy",
+            "sessionId": SID,
+            "payload": {"jsonrpc": "2.0", "id": 9, "method": "system_chain"},
+        }
+    )
     await intruder.expect(type="error", code="unknown_session", sessionId=SID)
     await intruder.send({"type": "session_end", "sessionId": SID})
     await intruder.expect(type="error", code="unknown_session", sessionId=SID)
@@ -373,8 +423,13 @@ async def test_too_many_sessions_per_connection(
 
 async def test_fragmented_message_is_reassembled(client: Client) -> None:
     await client.start(SID)
-    text = orjson.dumps({"type": "proxy", "sessionId": SID,
-                         "payload": {"jsonrpc": "2.0", "id": 5, "method": "system_chain"}}).decode()
+    text = orjson.dumps(
+        {
+            "type": "proxy",
+            "sessionId": SID,
+            "payload": {"jsonrpc": "2.0", "id": 5, "method": "system_chain"},
+        }
+    ).decode()
     await client.ws.send([text[:10], text[10:25], text[25:]])
     msg = await client.expect(type="proxy", sessionId=SID)
     assert msg["payload"]["result"] == "GhostCloak Dev"
@@ -409,17 +464,30 @@ async def test_binary_frame_gets_an_error_and_connection_stays(client: Client) -
     assert (await client.call(SID, "system_chain"))["result"] == "GhostCloak Dev"
 
 
-async def test_oversized_message_closes_with_1009(
-    relay_factory: RelayFactory, devnode: DevNode, client_factory: ClientFactory
+async def test_oversized_message_closes_with_1009_and_is_not_acted_on(
+    relay_factory: RelayFactory, upstream: ScriptedUpstream, client_factory: ClientFactory
 ) -> None:
-    relay = await relay_factory(node=(devnode.url,), max_message_bytes=1024)
+    relay = await relay_factory(node=(upstream.url,), max_message_bytes=1024)
     c = await client_factory(relay_url(relay))
     await c.start(SID)
-    await c.ws.send("x" * 2000)
+    big = orjson.dumps(
+        {
+            "type": "proxy",
+            "sessionId": SID,
+            "payload": {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "system_chain",
+                "params": ["x" * 2000],
+            },
+        }
+    ).decode()
+    await c.ws.send(big)
     with pytest.raises(ConnectionClosed):
-        await c.recv()
+        await c.recv()  # no answer of any kind, only the close
     assert c.ws.close_code == 1009
     await eventually(lambda: relay.manager.active_count() == 0)
+    assert upstream.conns[0].received == []
 
 
 # -- cleanup, monitoring, shutdown ------------------------------------------------------------
@@ -440,7 +508,9 @@ async def test_cleanup_expires_old_sessions(
 
 
 async def test_monitoring_line_is_logged_every_interval(
-    relay_factory: RelayFactory, devnode: DevNode, client_factory: ClientFactory,
+    relay_factory: RelayFactory,
+    devnode: DevNode,
+    client_factory: ClientFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="ghostcloak_relay")
@@ -448,8 +518,9 @@ async def test_monitoring_line_is_logged_every_interval(
     c = await client_factory(relay_url(relay))
     await c.start(SID)
     pattern = re.compile(r"^Active sessions: 1, RSS: \d+MB, Heap: \d+MB/\d+MB$")
-    await eventually(lambda: any(pattern.match(r.getMessage()) for r in caplog.records),
-                     what="monitoring line")
+    await eventually(
+        lambda: any(pattern.match(r.getMessage()) for r in caplog.records), what="monitoring line"
+    )
 
 
 async def test_plain_mode_warns_once_about_tls(
@@ -471,8 +542,9 @@ async def test_shutdown_tells_every_session_and_closes_1001(
     await a.start(SID2)
     await b.start("session-b-001")
     shutdown = asyncio.create_task(relay.shutdown())
-    ended_a = {(await a.expect(type="session_ended", reason="shutdown"))["sessionId"]
-               for _ in range(2)}
+    ended_a = {
+        (await a.expect(type="session_ended", reason="shutdown"))["sessionId"] for _ in range(2)
+    }
     assert ended_a == {SID, SID2}
     await b.expect(type="session_ended", sessionId="session-b-001", reason="shutdown")
     for c in (a, b):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import urllib.request
 from collections.abc import Awaitable, Callable
@@ -17,11 +18,14 @@ from .conftest import TIMEOUT, Client, RelayFactory, TlsFiles, relay_url
 
 
 async def test_wss_round_trip_and_https_health(
-    relay_factory: RelayFactory, devnode: DevNode, tls_files: TlsFiles,
+    relay_factory: RelayFactory,
+    devnode: DevNode,
+    tls_files: TlsFiles,
     client_factory: Callable[..., Awaitable[Client]],
 ) -> None:
-    relay = await relay_factory(node=(devnode.url,), tls_cert=str(tls_files.cert),
-                                tls_key=str(tls_files.key))
+    relay = await relay_factory(
+        node=(devnode.url,), tls_cert=str(tls_files.cert), tls_key=str(tls_files.key)
+    )
     ctx = tls_files.client_context()
     c = await client_factory(relay_url(relay, scheme="wss"), ssl=ctx)
     await c.start("tls-session-1")
@@ -38,24 +42,24 @@ async def test_wss_round_trip_and_https_health(
 async def test_tls_refuses_untrusted_plain_and_old_clients(
     relay_factory: RelayFactory, devnode: DevNode, tls_files: TlsFiles
 ) -> None:
-    relay = await relay_factory(node=(devnode.url,), tls_cert=str(tls_files.cert),
-                                tls_key=str(tls_files.key))
+    relay = await relay_factory(
+        node=(devnode.url,), tls_cert=str(tls_files.cert), tls_key=str(tls_files.key)
+    )
     # a client that does not trust the CA fails verification
     with pytest.raises(ssl.SSLCertVerificationError):
-        await connect(relay_url(relay, scheme="wss"), ssl=ssl.create_default_context(),
-                      open_timeout=TIMEOUT)
+        await connect(
+            relay_url(relay, scheme="wss"), ssl=ssl.create_default_context(), open_timeout=TIMEOUT
+        )
     # TLS 1.1 is refused
     old = tls_files.client_context()
     old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
     old.maximum_version = ssl.TLSVersion.TLSv1_1
-    try:
+    with contextlib.suppress(ssl.SSLError):
         old.set_ciphers("ALL:@SECLEVEL=0")
-    except ssl.SSLError:
-        pass
     with pytest.raises((ssl.SSLError, OSError)):
         await connect(relay_url(relay, scheme="wss"), ssl=old, open_timeout=TIMEOUT)
     # plain WebSocket to the TLS port does not get a session
-    with pytest.raises(Exception):  # noqa: B017,PT011 - any failure; what matters is no session
+    with pytest.raises(Exception):  # noqa: B017 - any failure; what matters is no session
         ws = await connect(relay_url(relay), open_timeout=3)
         await ws.send('{"type":"session_start"}')
         await asyncio.wait_for(ws.recv(), 3)
@@ -63,11 +67,14 @@ async def test_tls_refuses_untrusted_plain_and_old_clients(
 
 
 async def test_tls_1_2_is_accepted(
-    relay_factory: RelayFactory, devnode: DevNode, tls_files: TlsFiles,
+    relay_factory: RelayFactory,
+    devnode: DevNode,
+    tls_files: TlsFiles,
     client_factory: Callable[..., Awaitable[Client]],
 ) -> None:
-    relay = await relay_factory(node=(devnode.url,), tls_cert=str(tls_files.cert),
-                                tls_key=str(tls_files.key))
+    relay = await relay_factory(
+        node=(devnode.url,), tls_cert=str(tls_files.cert), tls_key=str(tls_files.key)
+    )
     ctx = tls_files.client_context()
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     c = await client_factory(relay_url(relay, scheme="wss"), ssl=ctx)

@@ -64,8 +64,11 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8443, help="relay port (0: a free one)")
     demo.add_argument("--node-port", type=int, default=0, help="dev node port (0: a free one)")
     demo.add_argument("--block-time", type=float, default=2.0, help="dev node block time")
-    demo.add_argument("--exit-after-script", action="store_true",
-                      help="stop after the scripted session instead of serving on")
+    demo.add_argument(
+        "--exit-after-script",
+        action="store_true",
+        help="stop after the scripted session instead of serving on",
+    )
 
     check = sub.add_parser("check", help="probe a relay: /health, then one session")
     check.add_argument("url", help="relay base URL, e.g. wss://relay.example:8443")
@@ -147,8 +150,9 @@ async def _demo(port: int, node_port: int, block_time: float, exit_after: bool) 
             print(f"  -> system_chain                  <- {chain!r}")
             version = await s.request("state_getRuntimeVersion")
             print(f"  -> state_getRuntimeVersion       <- specName={version['specName']!r}")
-            async with s.subscribe("chain_subscribeNewHeads",
-                                   unsubscribe="chain_unsubscribeNewHeads") as heads:
+            async with s.subscribe(
+                "chain_subscribeNewHeads", unsubscribe="chain_unsubscribeNewHeads"
+            ) as heads:
                 print("  -> chain_subscribeNewHeads       (waiting for the next block)")
                 node.produce_block()
                 header = await asyncio.wait_for(anext(heads), 30)
@@ -188,10 +192,12 @@ async def _check(url: str, cafile: str | None, timeout: float) -> int:
         print(f"health  {health_url}: FAILED ({exc})")
         ok = False
     try:
-        async with asyncio.timeout(timeout * 2):
-            async with RelayClient(ws_url, ssl_context=ctx, timeout=timeout) as client:
-                async with client.session() as s:
-                    result = await s.request("system_health", timeout=timeout)
+        async with (
+            asyncio.timeout(timeout * 2),
+            RelayClient(ws_url, ssl_context=ctx, timeout=timeout) as client,
+            client.session() as s,
+        ):
+            result = await s.request("system_health", timeout=timeout)
         print(f"session {ws_url}: started, system_health -> {json.dumps(result)}, ended")
     except (RelayError, TimeoutError, OSError) as exc:
         print(f"session {ws_url}: FAILED ({type(exc).__name__}: {exc})")

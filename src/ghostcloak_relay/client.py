@@ -19,6 +19,7 @@ subclasses of :class:`RelayError`. See ``docs/client.md``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import ssl
 from collections.abc import AsyncIterator
@@ -130,10 +131,8 @@ class Subscription:
             return
         self._session._subscriptions.pop(_key(self.id), None)
         if self._unsubscribe is not None and self._session.ended is None:
-            try:
+            with contextlib.suppress(SessionEndedError, RelayConnectionError):
                 await self._session.request(self._unsubscribe, [self.id])
-            except (SessionEndedError, RelayConnectionError):
-                pass
         self.id = None
 
 
@@ -159,11 +158,14 @@ class ClientSession:
         req_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = fut
-        payload = {"jsonrpc": "2.0", "id": req_id, "method": method,
-                   "params": [] if params is None else params}
+        payload = {
+            "jsonrpc": "2.0",
+            "id": req_id,
+            "method": method,
+            "params": [] if params is None else params,
+        }
         try:
-            self._client._send({"type": "proxy", "sessionId": self.session_id,
-                                "payload": payload})
+            self._client._send({"type": "proxy", "sessionId": self.session_id, "payload": payload})
             async with asyncio.timeout(timeout):
                 return await fut
         finally:
@@ -181,10 +183,8 @@ class ClientSession:
             return
         waiter = self._client._expect(("ended", self.session_id))
         self._client._send({"type": "session_end", "sessionId": self.session_id})
-        try:
+        with contextlib.suppress(TimeoutError, RelayError):
             await asyncio.wait_for(waiter, 10)
-        except (TimeoutError, RelayError):
-            pass
         self._finish("client")
 
     async def __aenter__(self) -> ClientSession:
@@ -208,8 +208,9 @@ class ClientSession:
                     continue
                 err = item.get("error")
                 if isinstance(err, dict):
-                    fut.set_exception(RpcError(err.get("code", 0), str(err.get("message", "")),
-                                               err.get("data")))
+                    fut.set_exception(
+                        RpcError(err.get("code", 0), str(err.get("message", "")), err.get("data"))
+                    )
                 else:
                     fut.set_result(item.get("result"))
                 continue
@@ -246,8 +247,9 @@ class _Listener(WSListener):
         if frame.msg_type in (WSMsgType.PING, WSMsgType.PONG):
             return
         try:
-            message = self._assembler.feed(frame.msg_type.value, frame.fin,
-                                           frame.get_payload_as_bytes())
+            message = self._assembler.feed(
+                frame.msg_type.value, frame.fin, frame.get_payload_as_bytes()
+            )
         except FrameError as exc:
             transport.send_close(WSCloseCode(exc.code))
             transport.disconnect()
@@ -277,11 +279,14 @@ class RelayClient:
     async def connect(self) -> RelayClient:
         try:
             transport, _ = await ws_connect(
-                lambda: _Listener(self), self.url, ssl_context=self._ssl,
-                websocket_handshake_timeout=self._timeout, logger_name=SILENT,
+                lambda: _Listener(self),
+                self.url,
+                ssl_context=self._ssl,
+                websocket_handshake_timeout=self._timeout,
+                logger_name=SILENT,
                 max_frame_size=64 * 1024 * 1024,
             )
-        except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             raise RelayConnectionError(f"cannot connect to {self.url}: {exc}") from exc
         except Exception as exc:  # picows handshake errors
             raise RelayConnectionError(f"cannot connect to {self.url}: {exc}") from exc
@@ -361,8 +366,7 @@ class RelayClient:
                 session._finish(reason)
         elif kind == "error":
             code, text = str(msg.get("code")), str(msg.get("message"))
-            cls = (UpstreamUnavailableError if code == "upstream_unavailable"
-                   else RelayProtocolError)
+            cls = UpstreamUnavailableError if code == "upstream_unavailable" else RelayProtocolError
             err = cls(code, text)
             if sid is None or not self._resolve(("started", str(sid)), err):
                 self.errors.append(err)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from .policy import SAFE_POLICY, MethodPolicy, load_policy
+
 __all__ = ["OPTIONS", "ConfigError", "Option", "Settings", "load_settings"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -88,42 +90,142 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("port", "PORT", "8443", _port, "an integer 0-65535 (0 picks a free port)",
-           "TCP port for /relay, /health and the other routes"),
-    Option("host", "RELAY_HOST", "0.0.0.0", _text, "an interface address or host name",
-           "address to listen on"),
-    Option("node", "MIDNIGHT_NODE", "ws://127.0.0.1:9944", _node_urls,
-           "one or more ws:// or wss:// URLs, comma-separated",
-           "upstream Midnight node WebSocket URL"),
-    Option("tls_cert", "RELAY_TLS_CERT", None, _text, "a path to a PEM certificate chain",
-           "serve TLS (1.2 or newer) with this certificate; needs RELAY_TLS_KEY"),
-    Option("tls_key", "RELAY_TLS_KEY", None, _text, "a path to a PEM private key",
-           "private key for RELAY_TLS_CERT"),
-    Option("max_sessions_per_connection", "RELAY_MAX_SESSIONS_PER_CONNECTION", "16",
-           _positive_int, "an integer above zero",
-           "sessions one client connection may hold open at once"),
-    Option("session_max_age", "RELAY_SESSION_MAX_AGE", "3600", _seconds,
-           "seconds above zero (fractions allowed)",
-           "a session older than this is ended (reason expired) at the next cleanup"),
-    Option("cleanup_interval", "RELAY_CLEANUP_INTERVAL", "600", _seconds,
-           "seconds above zero (fractions allowed)", "how often expired sessions are ended"),
-    Option("log_interval", "RELAY_LOG_INTERVAL", "60", _seconds,
-           "seconds above zero (fractions allowed)",
-           "how often the 'Active sessions: N, RSS: ..' line is logged"),
-    Option("shutdown_timeout", "RELAY_SHUTDOWN_TIMEOUT", "10", _seconds,
-           "seconds above zero (fractions allowed)",
-           "longest a graceful shutdown may take after SIGTERM/SIGINT"),
-    Option("log_level", "RELAY_LOG_LEVEL", "info", _log_level,
-           "one of " + ", ".join(LOG_LEVELS), "log verbosity"),
-    Option("max_queued_messages", "RELAY_MAX_QUEUED_MESSAGES", "64", _positive_int,
-           "an integer above zero",
-           "proxy messages held per session while its upstream is still connecting"),
-    Option("max_message_bytes", "RELAY_MAX_MESSAGE_BYTES", str(16 * 1024 * 1024), _positive_int,
-           "an integer above zero (bytes)",
-           "largest WebSocket message accepted in either direction"),
-    Option("upstream_connect_timeout", "RELAY_UPSTREAM_CONNECT_TIMEOUT", "10", _seconds,
-           "seconds above zero (fractions allowed)",
-           "longest the TCP connect plus WebSocket handshake to a node may take"),
+    Option(
+        "port",
+        "PORT",
+        "8443",
+        _port,
+        "an integer 0-65535 (0 picks a free port)",
+        "TCP port for /relay, /health and the other routes",
+    ),
+    Option(
+        "host",
+        "RELAY_HOST",
+        "0.0.0.0",
+        _text,
+        "an interface address or host name",
+        "address to listen on",
+    ),
+    Option(
+        "node",
+        "MIDNIGHT_NODE",
+        "ws://127.0.0.1:9944",
+        _node_urls,
+        "one or more ws:// or wss:// URLs, comma-separated",
+        "upstream Midnight node WebSocket URL",
+    ),
+    Option(
+        "tls_cert",
+        "RELAY_TLS_CERT",
+        None,
+        _text,
+        "a path to a PEM certificate chain",
+        "serve TLS (1.2 or newer) with this certificate; needs RELAY_TLS_KEY",
+    ),
+    Option(
+        "tls_key",
+        "RELAY_TLS_KEY",
+        None,
+        _text,
+        "a path to a PEM private key",
+        "private key for RELAY_TLS_CERT",
+    ),
+    Option(
+        "max_sessions_per_connection",
+        "RELAY_MAX_SESSIONS_PER_CONNECTION",
+        "16",
+        _positive_int,
+        "an integer above zero",
+        "sessions one client connection may hold open at once",
+    ),
+    Option(
+        "session_max_age",
+        "RELAY_SESSION_MAX_AGE",
+        "3600",
+        _seconds,
+        "seconds above zero (fractions allowed)",
+        "a session older than this is ended (reason expired) at the next cleanup",
+    ),
+    Option(
+        "cleanup_interval",
+        "RELAY_CLEANUP_INTERVAL",
+        "600",
+        _seconds,
+        "seconds above zero (fractions allowed)",
+        "how often expired sessions are ended",
+    ),
+    Option(
+        "log_interval",
+        "RELAY_LOG_INTERVAL",
+        "60",
+        _seconds,
+        "seconds above zero (fractions allowed)",
+        "how often the 'Active sessions: N, RSS: ..' line is logged",
+    ),
+    Option(
+        "shutdown_timeout",
+        "RELAY_SHUTDOWN_TIMEOUT",
+        "10",
+        _seconds,
+        "seconds above zero (fractions allowed)",
+        "longest a graceful shutdown may take after SIGTERM/SIGINT",
+    ),
+    Option(
+        "log_level",
+        "RELAY_LOG_LEVEL",
+        "info",
+        _log_level,
+        "one of " + ", ".join(LOG_LEVELS),
+        "log verbosity",
+    ),
+    Option(
+        "max_queued_messages",
+        "RELAY_MAX_QUEUED_MESSAGES",
+        "64",
+        _positive_int,
+        "an integer above zero",
+        "proxy messages held per session while its upstream is still connecting",
+    ),
+    Option(
+        "max_message_bytes",
+        "RELAY_MAX_MESSAGE_BYTES",
+        str(16 * 1024 * 1024),
+        _positive_int,
+        "an integer above zero (bytes)",
+        "largest WebSocket message accepted in either direction",
+    ),
+    Option(
+        "rpc_methods",
+        "RELAY_RPC_METHODS",
+        "safe",
+        load_policy,
+        "safe, off, or the path of a readable allowlist file",
+        "which JSON-RPC methods may reach the node (unsafe methods are always refused)",
+    ),
+    Option(
+        "max_subscriptions_per_session",
+        "RELAY_MAX_SUBSCRIPTIONS_PER_SESSION",
+        "64",
+        _positive_int,
+        "an integer above zero",
+        "live subscriptions one session may hold; the excess subscribe call gets an error",
+    ),
+    Option(
+        "max_batch",
+        "RELAY_MAX_BATCH",
+        "10",
+        _positive_int,
+        "an integer above zero",
+        "largest JSON-RPC batch accepted; a longer one is answered with an error",
+    ),
+    Option(
+        "upstream_connect_timeout",
+        "RELAY_UPSTREAM_CONNECT_TIMEOUT",
+        "10",
+        _seconds,
+        "seconds above zero (fractions allowed)",
+        "longest the TCP connect plus WebSocket handshake to a node may take",
+    ),
 )
 
 
@@ -145,6 +247,9 @@ class Settings:
     max_queued_messages: int = 64
     max_message_bytes: int = 16 * 1024 * 1024
     upstream_connect_timeout: float = 10.0
+    rpc_methods: MethodPolicy = SAFE_POLICY
+    max_subscriptions_per_session: int = 64
+    max_batch: int = 10
 
     @property
     def tls_enabled(self) -> bool:
@@ -179,11 +284,14 @@ def load_settings(
             values[opt.name] = opt.parse(raw)
         except ValueError:
             label = opt.env if source == opt.env else f"{opt.env} ({opt.flag})"
-            raise ConfigError(
-                f"invalid {label}={_describe(raw)}: expected {opt.allowed}"
-            ) from None
+            raise ConfigError(f"invalid {label}={_describe(raw)}: expected {opt.allowed}") from None
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
+        given, missing = ("RELAY_TLS_CERT", "RELAY_TLS_KEY")
+        if values["tls_cert"] is None:
+            given, missing = missing, given
+        value = values["tls_cert"] if values["tls_key"] is None else values["tls_key"]
         raise ConfigError(
-            "invalid RELAY_TLS_CERT/RELAY_TLS_KEY: expected both set (TLS) or neither (plain)"
+            f"invalid {given}={_describe(value)} without {missing}: "
+            "expected both set (TLS) or neither (plain)"
         )
     return Settings(**values)

@@ -78,6 +78,7 @@ class MessageAssembler:
                 raise FrameError(CLOSE_PROTOCOL_ERROR, "continuation frame without a message")
         elif opcode in (OP_TEXT, OP_BINARY):
             if self._opcode is not None:
+                self._reset()
                 raise FrameError(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
             if fin:
                 return self._single(opcode, payload)
@@ -102,10 +103,7 @@ class MessageAssembler:
         if not fin:
             return None
         message: str | bytes
-        if self._opcode == OP_TEXT:
-            message = "".join(self._text)
-        else:
-            message = b"".join(self._binary)
+        message = "".join(self._text) if self._opcode == OP_TEXT else b"".join(self._binary)
         self._reset()
         return message
 

@@ -25,8 +25,9 @@ def main() -> int:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=4,
-                                    context=ctx) as resp:
+        with urllib.request.urlopen(
+            f"{scheme}://127.0.0.1:{port}/health", timeout=4, context=ctx
+        ) as resp:
             ok = json.loads(resp.read()).get("status") == "ok"
     except (OSError, ValueError):
         ok = False

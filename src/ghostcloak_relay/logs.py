@@ -46,11 +46,11 @@ def safe_exception(exc: BaseException) -> str:
 class _NoExceptionText(logging.Formatter):
     """Formats tracebacks as type and location only, whatever a caller passes."""
 
-    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging API)
+    def formatException(self, ei: Any) -> str:
         exc = ei[1]
         return "exception: " + (safe_exception(exc) if exc is not None else "unknown")
 
-    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+    def formatStack(self, stack_info: str) -> str:
         return ""
 
 

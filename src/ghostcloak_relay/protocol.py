@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ __all__ = [
     "encode_session_ended",
     "encode_session_started",
     "is_valid_session_id",
+    "loads_exact",
     "new_session_id",
     "proxy_prefix",
 ]
@@ -133,10 +135,28 @@ def new_session_id() -> str:
     return secrets.token_hex(16)
 
 
+#: A JSON number of 20 or more digits: beyond 64 bits, where orjson gives a float.
+_BIG_INT: Final = re.compile(rb"[:\[,]\s*-?\d{20}")
+
+
+def loads_exact(data: bytes | str) -> Any:
+    """Parse JSON like ``orjson.loads``, but keep integers beyond 64 bits exact.
+
+    orjson turns such integers into floats, so re-encoding a request would change its id
+    or parameters. They are rare in JSON-RPC; when a cheap scan finds one, the standard
+    library parser (exact integers) is used instead. Raises ``orjson.JSONDecodeError``.
+    """
+    obj = orjson.loads(data)
+    raw = data.encode() if isinstance(data, str) else data
+    if _BIG_INT.search(raw) is not None:
+        obj = json.loads(raw)
+    return obj
+
+
 def decode_client_message(data: bytes | str) -> ClientMessage:
     """Decode one complete text message from a client, or raise :class:`EnvelopeError`."""
     try:
-        obj = orjson.loads(data)
+        obj = loads_exact(data)
     except orjson.JSONDecodeError:
         raise EnvelopeError(ErrorCode.BAD_JSON) from None
     if not isinstance(obj, dict):

@@ -25,6 +25,7 @@ from . import protocol
 from .frames import FrameError, MessageAssembler
 from .logs import ref, safe_exception
 from .protocol import EndReason, EnvelopeError, ErrorCode
+from .rpc import RpcSession
 from .sessions import Session, SessionExistsError
 from .upstream import connect
 
@@ -55,6 +56,7 @@ class RelaySession:
         "_queue",
         "connect_task",
         "core",
+        "rpc",
         "session_id",
         "state",
         "upstream",
@@ -65,7 +67,16 @@ class RelaySession:
         self.core = core
         self.session_id = core.session_id
         self._prefix = protocol.proxy_prefix(core.session_id)
-        self._queue: deque[bytes] | None = deque()
+        # while connecting: (to_node, data) in arrival order; None once open or closed
+        self._queue: deque[tuple[bool, bytes]] | None = deque()
+        settings = conn.server.settings
+        self.rpc = (
+            RpcSession(
+                settings.rpc_methods, settings.max_subscriptions_per_session, settings.max_batch
+            )
+            if settings.rpc_methods.enabled
+            else None
+        )
         self.state = State.CONNECTING
         self.upstream: WSTransport | None = None
         self.connect_task: asyncio.Task[None] | None = None
@@ -82,8 +93,11 @@ class RelaySession:
         self._conn.send(protocol.encode_session_started(self.session_id))
         queue, self._queue = self._queue, None
         if queue:
-            for data in queue:
-                transport.send(_TEXT, data)
+            for to_node, data in queue:
+                if to_node:
+                    transport.send(_TEXT, data)
+                else:
+                    self._conn.send(data)
         log.debug("session %s open", ref(self.session_id))
 
     def on_upstream_message(self, data: bytes | str) -> None:
@@ -91,11 +105,13 @@ class RelaySession:
             return
         raw = data.encode() if isinstance(data, str) else data
         try:
-            orjson.loads(raw)  # exactly one JSON value: safe to splice into the envelope
+            msg = orjson.loads(raw)  # exactly one JSON value: safe to splice into the envelope
         except orjson.JSONDecodeError:
             log.info("session %s: node sent a message that is not JSON", ref(self.session_id))
             self.end(EndReason.UPSTREAM_ERROR)
             return
+        if self.rpc is not None and (replacement := self.rpc.node_message(msg)) is not None:
+            raw = orjson.dumps(replacement)
         self._conn.send(self._prefix + raw + b"}")
 
     def on_upstream_closed(self, clean: bool) -> None:
@@ -107,15 +123,28 @@ class RelaySession:
     # -- client side --------------------------------------------------------------------
 
     def send_to_node(self, payload: dict[str, Any] | list[Any]) -> ErrorCode | None:
-        data = orjson.dumps(payload)
+        """Apply the method policy, then send or queue what may reach the node."""
+        answer = None
+        if self.rpc is not None:
+            decision = self.rpc.client_message(payload)
+            if decision.answer is not None:
+                answer = self._prefix + orjson.dumps(decision.answer) + b"}"
+            payload = decision.forward
         if self.state is State.OPEN:
             assert self.upstream is not None
-            self.upstream.send(_TEXT, data)
+            if answer is not None:
+                self._conn.send(answer)
+            if payload is not None:
+                self.upstream.send(_TEXT, orjson.dumps(payload))
             return None
-        assert self._queue is not None
-        if len(self._queue) >= self._conn.server.settings.max_queued_messages:
+        queue = self._queue
+        assert queue is not None
+        if len(queue) >= self._conn.server.settings.max_queued_messages:
             return ErrorCode.QUEUE_FULL
-        self._queue.append(data)
+        if answer is not None:
+            queue.append((False, answer))
+        if payload is not None:
+            queue.append((True, orjson.dumps(payload)))
         return None
 
     def end(self, reason: EndReason, *, notify: bool = True) -> None:
@@ -155,6 +184,10 @@ class RelayConnection(WSListener):
         self.server.register(self)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if transport.is_close_frame_sent:
+            # closing: picows 2.3 keeps delivering frames after it has refused one (for
+            # example an oversized frame, closed with 1009); nothing more is acted on.
+            return
         msg_type = frame.msg_type
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
             self.fail(FrameError(1002, "reserved bits set"))
@@ -245,8 +278,11 @@ class RelayConnection(WSListener):
         except Exception as exc:  # any failure to reach the node is the same to the client
             if session.state is not State.CONNECTING:
                 return
-            log.info("upstream connect failed for session %s: %s",
-                     ref(session.session_id), safe_exception(exc))
+            log.info(
+                "upstream connect failed for session %s: %s",
+                ref(session.session_id),
+                safe_exception(exc),
+            )
             session.state = State.CLOSED
             server.manager.discard(session.session_id)
             self.forget(session)

@@ -1,4 +1,4 @@
-"""The relay server: one port for ``WS /relay``, ``GET /health`` and 404 for the rest.
+"""The relay server: one port for ``WS /relay``, ``WS /rpc``, ``GET /health``; 404 else.
 
 :class:`RelayServer` owns everything that lives longer than one connection: the
 listening socket, the :class:`~.sessions.SessionManager`, the client connections, the
@@ -38,6 +38,7 @@ from .logs import SILENT, safe_exception
 from .memory import read_memory, status_line
 from .protocol import EndReason
 from .relay_connection import RelayConnection
+from .rpc_connection import RpcConnection
 from .sessions import SessionManager
 from .tasks import TaskOwner
 
@@ -72,7 +73,7 @@ class RelayServer:
         self.manager = SessionManager(clock)
         self.tasks = TaskOwner()
         self.upstream_ssl = upstream_ssl
-        self.connections: set[RelayConnection] = set()
+        self.connections: set[RelayConnection | RpcConnection] = set()
         self.draining = False
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -92,6 +93,11 @@ class RelayServer:
                 "TLS is off (RELAY_TLS_CERT/RELAY_TLS_KEY not set): serving plain ws://; "
                 "terminate TLS in front of the relay"
             )
+        if not settings.rpc_methods.enabled:
+            log.warning(
+                "RELAY_RPC_METHODS=off: no method policy, every frame reaches the node "
+                "unchecked; use only for non-JSON-RPC upstreams and conformance tests"
+            )
         self._server = await ws_create_server(
             self._route,
             settings.host,
@@ -109,7 +115,10 @@ class RelayServer:
         scheme = "wss" if ssl_ctx is not None else "ws"
         log.info(
             "relay listening on %s://%s:%d/relay (%d node(s) configured)",
-            scheme, settings.host, self.port, len(settings.node),
+            scheme,
+            settings.host,
+            self.port,
+            len(settings.node),
         )
 
     async def shutdown(self) -> None:
@@ -117,8 +126,11 @@ class RelayServer:
         if self.draining:
             return
         self.draining = True
-        log.info("shutting down: %d connection(s), %d session(s)",
-                 len(self.connections), self.manager.active_count())
+        log.info(
+            "shutting down: %d connection(s), %d session(s)",
+            len(self.connections),
+            self.manager.active_count(),
+        )
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
@@ -147,6 +159,10 @@ class RelayServer:
             if self.draining:
                 return _plain(503, b'{"error":"shutting down"}')
             return RelayConnection(self)
+        if path == b"/rpc" and request.method == b"GET":
+            if self.draining:
+                return _plain(503, b'{"error":"shutting down"}')
+            return RpcConnection(self)
         if path == b"/health" and request.method == b"GET":
             return _plain(200, orjson.dumps(self.health()))
         return None  # picows answers 404, for plain GETs and upgrades alike
@@ -156,11 +172,11 @@ class RelayServer:
 
     # -- connections --------------------------------------------------------------------------
 
-    def register(self, conn: RelayConnection) -> None:
+    def register(self, conn: RelayConnection | RpcConnection) -> None:
         self.connections.add(conn)
         self._all_closed.clear()
 
-    def unregister(self, conn: RelayConnection) -> None:
+    def unregister(self, conn: RelayConnection | RpcConnection) -> None:
         self.connections.discard(conn)
         if not self.connections:
             self._all_closed.set()
@@ -180,6 +196,8 @@ class RelayServer:
                 live = owner.sessions.get(session.session_id)
                 if live is not None:
                     live.end(EndReason.EXPIRED)
+            elif isinstance(owner, RpcConnection):
+                owner.end_session(EndReason.EXPIRED)
         if expired:
             log.info("cleanup: %d session(s) expired", len(expired))
 

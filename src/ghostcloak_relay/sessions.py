@@ -92,7 +92,7 @@ class SessionManager:
 
     def cleanup(self, max_age: float) -> list[Session]:
         """End active sessions older than ``max_age`` (reason ``expired``) and return them;
-        forget ended sessions that ended more than ``max_age`` ago."""
+        forget ended sessions that ended at least ``max_age`` ago."""
         now = self._clock()
         expired: list[Session] = []
         forget: list[str] = []

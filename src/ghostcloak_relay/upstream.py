@@ -53,6 +53,8 @@ class UpstreamListener(WSListener):
         self._sink.on_upstream_open(transport)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if transport.is_close_frame_sent:  # see RelayConnection.on_ws_frame
+            return
         msg_type = frame.msg_type
         if msg_type is WSMsgType.TEXT and frame.fin and not self._assembler.in_progress:
             # hot path: a whole message in one frame; the sink validates it as JSON.
