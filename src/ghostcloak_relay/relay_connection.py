@@ -100,10 +100,9 @@ class RelaySession:
                     self._conn.send(data)
         log.debug("session %s open", ref(self.session_id))
 
-    def on_upstream_message(self, data: bytes | str) -> None:
+    def on_upstream_message(self, raw: bytes, binary: bool) -> None:
         if self.state is not State.OPEN:
             return
-        raw = data.encode() if isinstance(data, str) else data
         try:
             msg = orjson.loads(raw)  # exactly one JSON value: safe to splice into the envelope
         except orjson.JSONDecodeError:

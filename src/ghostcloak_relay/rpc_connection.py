@@ -187,15 +187,12 @@ class RpcConnection(WSListener):
                 transport.send(opcode, data)
         log.debug("session %s open", ref(self.session_id))
 
-    def on_upstream_message(self, data: bytes | str) -> None:
+    def on_upstream_message(self, data: bytes, binary: bool) -> None:
         if self._ended:
             return
         rpc = self.rpc
         if rpc is None:  # policy off: untouched, text stays text and binary stays binary
-            if isinstance(data, str):
-                self._to_client(data.encode())
-            else:
-                self._to_client(data, self._upstream_opcode)
+            self._to_client(data, _BINARY if binary else _TEXT)
             return
         try:
             msg = orjson.loads(data)
@@ -207,9 +204,7 @@ class RpcConnection(WSListener):
         if replacement is not None:
             self._to_client(orjson.dumps(replacement))
         else:
-            self._to_client(data.encode() if isinstance(data, str) else data)
-
-    _upstream_opcode = _TEXT  # the upstream listener hands single text frames as bytes
+            self._to_client(data, _BINARY if binary else _TEXT)
 
     def on_upstream_closed(self, clean: bool) -> None:
         self.upstream = None

@@ -35,7 +35,7 @@ class UpstreamSink(Protocol):
     """What an upstream connection reports to (implemented by the session)."""
 
     def on_upstream_open(self, transport: WSTransport) -> None: ...
-    def on_upstream_message(self, data: bytes | str) -> None: ...
+    def on_upstream_message(self, data: bytes, binary: bool) -> None: ...
     def on_upstream_closed(self, clean: bool) -> None: ...
 
 
@@ -58,7 +58,7 @@ class UpstreamListener(WSListener):
         msg_type = frame.msg_type
         if msg_type is WSMsgType.TEXT and frame.fin and not self._assembler.in_progress:
             # hot path: a whole message in one frame; the sink validates it as JSON.
-            self._sink.on_upstream_message(frame.get_payload_as_bytes())
+            self._sink.on_upstream_message(frame.get_payload_as_bytes(), False)
             return
         if msg_type is WSMsgType.CLOSE:
             code = frame.get_close_code()
@@ -77,8 +77,10 @@ class UpstreamListener(WSListener):
             transport.send_close(WSCloseCode(exc.code))
             transport.disconnect()
             return
-        if message is not None:
-            self._sink.on_upstream_message(message)
+        if isinstance(message, str):
+            self._sink.on_upstream_message(message.encode(), False)
+        elif message is not None:
+            self._sink.on_upstream_message(message, True)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._sink.on_upstream_closed(self._clean_close and not self._failed)
