@@ -126,9 +126,11 @@ RelayFactory = Callable[..., Awaitable[RelayServer]]
 async def relay_factory() -> AsyncIterator[RelayFactory]:
     servers: list[RelayServer] = []
 
-    async def make(**overrides: Any) -> RelayServer:
+    async def make(*, probe_nodes: bool = False, **overrides: Any) -> RelayServer:
+        """A relay on 127.0.0.1; node probes are off unless asked for, so that tests can
+        count exactly the connections their sessions make."""
         settings = replace(Settings(host="127.0.0.1", port=0), **overrides)
-        server = RelayServer(settings)
+        server = RelayServer(settings, probe_nodes=probe_nodes)
         await server.start()
         servers.append(server)
         return server

@@ -195,7 +195,7 @@ class ClientSession:
     ) -> None:
         await self.end()
 
-    # -- from the connection ------------------------------------------------------------
+    # -- from the connection -----------
 
     def _on_payload(self, payload: Any) -> None:
         items = payload if isinstance(payload, list) else [payload]
@@ -324,7 +324,7 @@ class RelayClient:
         self._sessions[sid] = session
         return session
 
-    # -- internals ----------------------------------------------------------------------
+    # -- internals -----------
 
     def _expect(self, key: tuple[str, str]) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

@@ -59,6 +59,23 @@ def _node_urls(raw: str) -> tuple[str, ...]:
     return urls
 
 
+def _rate(raw: str) -> float:
+    value = float(raw.strip())
+    if not math.isfinite(value) or value < 0:
+        raise ValueError
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError
+        return value
+
+    return parse
+
+
 def _log_level(raw: str) -> str:
     value = raw.strip().lower()
     if value not in LOG_LEVELS:
@@ -226,6 +243,110 @@ OPTIONS: tuple[Option, ...] = (
         "seconds above zero (fractions allowed)",
         "longest the TCP connect plus WebSocket handshake to a node may take",
     ),
+    Option(
+        "max_connections",
+        "RELAY_MAX_CONNECTIONS",
+        "10000",
+        _positive_int,
+        "an integer above zero",
+        "client WebSocket connections open at once; more are refused with HTTP 503",
+    ),
+    Option(
+        "max_sessions",
+        "RELAY_MAX_SESSIONS",
+        "20000",
+        _positive_int,
+        "an integer above zero",
+        "sessions (both endpoints) open at once in this process",
+    ),
+    Option(
+        "max_connections_per_client",
+        "RELAY_MAX_CONNECTIONS_PER_CLIENT",
+        "64",
+        _positive_int,
+        "an integer above zero",
+        "connections from one client address at once (kept in memory only, as a keyed hash)",
+    ),
+    Option(
+        "rate_limit",
+        "RELAY_RATE_LIMIT",
+        "50",
+        _rate,
+        "requests per second, 0 or more (0 turns it off)",
+        "JSON-RPC calls per second per session (token bucket, burst of twice the rate)",
+    ),
+    Option(
+        "rate_limit_per_client",
+        "RELAY_RATE_LIMIT_PER_CLIENT",
+        "200",
+        _rate,
+        "requests per second, 0 or more (0 turns it off)",
+        "JSON-RPC calls per second per client address, all its sessions together",
+    ),
+    Option(
+        "idle_timeout",
+        "RELAY_IDLE_TIMEOUT",
+        "600",
+        _seconds,
+        "seconds above zero (fractions allowed)",
+        "a session with no message either way for this long is ended (reason idle)",
+    ),
+    Option(
+        "ping_interval",
+        "RELAY_PING_INTERVAL",
+        "30",
+        _seconds,
+        "seconds above zero (fractions allowed)",
+        "WebSocket ping on both legs after this much silence; no answer within it closes",
+    ),
+    Option(
+        "request_timeout",
+        "RELAY_REQUEST_TIMEOUT",
+        "60",
+        _seconds,
+        "seconds above zero (fractions allowed)",
+        "a request the node has not answered by then gets a JSON-RPC timeout error",
+    ),
+    Option(
+        "client_buffer_bytes",
+        "RELAY_CLIENT_BUFFER_BYTES",
+        str(1024 * 1024),
+        _positive_int,
+        "an integer above zero (bytes)",
+        "outbound buffer per connection before the relay stops reading its other side",
+    ),
+    Option(
+        "slow_client_timeout",
+        "RELAY_SLOW_CLIENT_TIMEOUT",
+        "30",
+        _seconds,
+        "seconds above zero (fractions allowed)",
+        "a connection whose outbound buffer stays full this long is closed (1013)",
+    ),
+    Option(
+        "node_probe_interval",
+        "RELAY_NODE_PROBE_INTERVAL",
+        "10",
+        _seconds,
+        "seconds above zero (fractions allowed)",
+        "how often each node is probed (system_health and best block)",
+    ),
+    Option(
+        "node_stale_after",
+        "RELAY_NODE_STALE_AFTER",
+        "60",
+        _seconds,
+        "seconds above zero (fractions allowed)",
+        "a node whose best block has not advanced for this long is taken out",
+    ),
+    Option(
+        "log_format",
+        "RELAY_LOG_FORMAT",
+        "text",
+        _choice("text", "json"),
+        "text or json",
+        "log line format (json: one object per line)",
+    ),
 )
 
 
@@ -247,6 +368,19 @@ class Settings:
     max_queued_messages: int = 64
     max_message_bytes: int = 16 * 1024 * 1024
     upstream_connect_timeout: float = 10.0
+    max_connections: int = 10000
+    max_sessions: int = 20000
+    max_connections_per_client: int = 64
+    rate_limit: float = 50.0
+    rate_limit_per_client: float = 200.0
+    idle_timeout: float = 600.0
+    ping_interval: float = 30.0
+    request_timeout: float = 60.0
+    client_buffer_bytes: int = 1024 * 1024
+    slow_client_timeout: float = 30.0
+    node_probe_interval: float = 10.0
+    node_stale_after: float = 60.0
+    log_format: str = "text"
     rpc_methods: MethodPolicy = SAFE_POLICY
     max_subscriptions_per_session: int = 64
     max_batch: int = 10

@@ -393,7 +393,7 @@ class DevNode:
             await self._server.wait_closed()
         log.info("dev node stopped")
 
-    # -- connections and messages --------------------------------------------
+    # -- connections and messages -----------
 
     def _new_listener(self, request: WSUpgradeRequest) -> _Connection | None:
         return None if self._closing else _Connection(self)  # None: 404 while closing
@@ -466,7 +466,7 @@ class DevNode:
         after.extend(call.after)
         return {"jsonrpc": "2.0", "id": rid, "result": result}
 
-    # -- subscriptions ---------------------------------------------------------
+    # -- subscriptions -----------
 
     def _subscribe(self, call: _Call, method: str) -> str:
         if len(call.conn.subs) >= MAX_SUBSCRIPTIONS_PER_CONNECTION:
@@ -515,7 +515,7 @@ class DevNode:
 
         return unsubscribe
 
-    # -- methods -----------------------------------------------------------------
+    # -- methods -----------
 
     def _rpc_methods(self, call: _Call) -> dict[str, Any]:
         return {"methods": sorted(self._methods)}
@@ -581,7 +581,7 @@ class DevNode:
         call.after.append((sub_id, "ready"))
         return sub_id
 
-    # -- lifecycle ---------------------------------------------------------------
+    # -- lifecycle -----------
 
     async def _start(self, port: int) -> None:
         self._server = await ws_create_server(

@@ -15,16 +15,22 @@ uses itself are the constants below, listed in ``docs/protocol.md``.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from .limits import TokenBucket, weight
 from .policy import MethodPolicy
 
 __all__ = [
     "BATCH_TOO_LARGE",
+    "DROP",
     "INVALID_REQUEST",
     "METHOD_NOT_ALLOWED",
     "PARSE_ERROR",
+    "RATE_LIMITED",
+    "REQUEST_TIMEOUT",
     "TOO_MANY_SUBSCRIPTIONS",
     "ClientDecision",
     "RpcSession",
@@ -36,6 +42,15 @@ INVALID_REQUEST: Final = -32600  # not a JSON-RPC request object (or an empty ba
 METHOD_NOT_ALLOWED: Final = -32601  # the relay's method policy refuses the method
 TOO_MANY_SUBSCRIPTIONS: Final = -32005  # RELAY_MAX_SUBSCRIPTIONS_PER_SESSION reached
 BATCH_TOO_LARGE: Final = -32010  # more elements than RELAY_MAX_BATCH
+RATE_LIMITED: Final = -32029  # RELAY_RATE_LIMIT or RELAY_RATE_LIMIT_PER_CLIENT exceeded
+REQUEST_TIMEOUT: Final = -32008  # the node did not answer within RELAY_REQUEST_TIMEOUT
+
+#: Returned by :meth:`RpcSession.node_message` for a message the client must not get
+#: (the answer to a request that already timed out).
+DROP: Final = object()
+
+#: How many timed-out request ids are remembered to drop their late answers.
+MAX_TIMED_OUT_IDS: Final = 1024
 
 MESSAGES: Final = {
     PARSE_ERROR: "Parse error",
@@ -43,6 +58,8 @@ MESSAGES: Final = {
     METHOD_NOT_ALLOWED: "Method not allowed by the relay",
     TOO_MANY_SUBSCRIPTIONS: "Too many subscriptions in this session",
     BATCH_TOO_LARGE: "Batch too large",
+    RATE_LIMITED: "Too many requests, slow down",
+    REQUEST_TIMEOUT: "The node did not answer in time",
 }
 
 # Subscription methods whose name does not say "subscribe", and their counterparts.
@@ -106,19 +123,41 @@ class RpcSession:
     """Policy and subscription state of one session."""
 
     __slots__ = (
+        "_buckets",
+        "_clock",
         "_merges",
+        "_observe",
+        "_pending",
         "_pending_methods",
         "_pending_subs",
+        "_timed_out",
         "max_batch",
         "max_subscriptions",
         "policy",
+        "request_timeout",
         "subscriptions",
     )
 
-    def __init__(self, policy: MethodPolicy, max_subscriptions: int, max_batch: int) -> None:
+    def __init__(
+        self,
+        policy: MethodPolicy,
+        max_subscriptions: int,
+        max_batch: int,
+        *,
+        buckets: tuple[TokenBucket, ...] = (),
+        request_timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        observe: Callable[[float], None] | None = None,
+    ) -> None:
         self.policy = policy
         self.max_subscriptions = max_subscriptions
         self.max_batch = max_batch
+        self.request_timeout = request_timeout
+        self._buckets = buckets
+        self._clock = clock
+        self._observe = observe  # called with each answered request's round-trip seconds
+        self._pending: dict[int | str, float] = {}  # request id -> sent at, in send order
+        self._timed_out: dict[int | str, None] = {}  # ids answered by the relay with a timeout
         self.subscriptions: set[int | str] = set()  # live subscription ids at the node
         self._pending_subs: set[int | str] = set()  # request ids of subscribe calls in flight
         self._pending_methods: set[int | str] = set()  # request ids of rpc_methods in flight
@@ -169,6 +208,11 @@ class RpcSession:
         has_id = "id" in req
         if not self.policy.allows(method):
             return error_response(req["id"], METHOD_NOT_ALLOWED) if has_id else False
+        if self._buckets:
+            cost = weight(method)
+            for bucket in self._buckets:
+                if not bucket.take(cost):
+                    return error_response(req["id"], RATE_LIMITED) if has_id else False
         req_id = _key(req.get("id"))
         if is_subscribe(method):
             if len(self.subscriptions) + len(self._pending_subs) >= self.max_subscriptions:
@@ -185,6 +229,8 @@ class RpcSession:
                 self.subscriptions.discard(sub)
         elif method == "rpc_methods" and req_id is not None:
             self._pending_methods.add(req_id)
+        if req_id is not None:
+            self._pending[req_id] = self._clock()
         return None
 
     # -- node -> client ------------------------------------------------------------------
@@ -199,6 +245,9 @@ class RpcSession:
         out: list[Any] = []
         for item in msg:
             new = self._node_item(item) if isinstance(item, dict) else None
+            if new is DROP:
+                replaced = True
+                continue
             replaced = replaced or new is not None
             out.append(item if new is None else new)
         if self._merges:
@@ -209,14 +258,23 @@ class RpcSession:
                 if merge.ids == ids:
                     del self._merges[n]
                     return out + merge.answers
+        if replaced and not out:
+            return DROP
         return out if replaced else None
 
-    def _node_item(self, item: dict[str, Any]) -> dict[str, Any] | None:
+    def _node_item(self, item: dict[str, Any]) -> Any:
         if "id" in item:
-            if not (self._pending_subs or self._pending_methods):
-                return None
             req_id = _key(item["id"])
             if req_id is None:
+                return None
+            sent = self._pending.pop(req_id, None)
+            if sent is None:
+                if req_id in self._timed_out:  # the relay already answered with a timeout
+                    del self._timed_out[req_id]
+                    return DROP
+            elif self._observe is not None:
+                self._observe(self._clock() - sent)
+            if not (self._pending_subs or self._pending_methods):
                 return None
             if req_id in self._pending_subs:
                 self._pending_subs.discard(req_id)
@@ -235,6 +293,38 @@ class RpcSession:
                 if sub is not None:
                     self.subscriptions.discard(sub)
         return None
+
+    # -- time -----------
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent to the node and not answered yet."""
+        return len(self._pending)
+
+    def expire(self) -> list[dict[str, Any]]:
+        """Timeout errors for requests older than ``request_timeout`` (oldest first).
+
+        The relay answers them itself and drops the node's answer if it comes later; it
+        never sends a request again (a submission is never retried).
+        """
+        pending = self._pending
+        if not pending:
+            return []
+        deadline = self._clock() - self.request_timeout
+        expired: list[dict[str, Any]] = []
+        for req_id, sent in pending.items():
+            if sent > deadline:
+                break
+            expired.append(error_response(req_id, REQUEST_TIMEOUT))
+        for answer in expired:
+            req_id = answer["id"]
+            del pending[req_id]
+            self._pending_subs.discard(req_id)
+            self._pending_methods.discard(req_id)
+            self._timed_out[req_id] = None
+            if len(self._timed_out) > MAX_TIMED_OUT_IDS:
+                del self._timed_out[next(iter(self._timed_out))]
+        return expired
 
     def _filter_methods(self, item: dict[str, Any]) -> dict[str, Any] | None:
         result = item.get("result")

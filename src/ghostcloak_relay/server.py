@@ -1,14 +1,15 @@
-"""The relay server: one port for ``WS /relay``, ``WS /rpc``, ``GET /health``; 404 else.
+"""The relay server: ``WS /relay``, ``WS /rpc``, ``GET /health``, ``/ready``, ``/metrics``.
 
 :class:`RelayServer` owns everything that lives longer than one connection: the
-listening socket, the :class:`~.sessions.SessionManager`, the client connections, the
-background tasks (upstream dials, cleanup, the monitoring line) and the shutdown.
-:func:`run` adds signal handling for the CLI.
+listening socket, the :class:`~.sessions.SessionManager`, the node pool and its probes,
+the client connections, the counters, and the background tasks (upstream dials, probes,
+the housekeeping tick, cleanup, the monitoring line). :func:`run` adds signals.
 
-Shutdown (SIGTERM or SIGINT): stop accepting, tell every session ``session_ended`` with
-reason ``shutdown``, close client connections with 1001 and every upstream, wait for the
-connections to go (at most ``RELAY_SHUTDOWN_TIMEOUT``), exit 0. A second signal exits at
-once with status 1.
+Shutdown (SIGTERM or SIGINT) is a drain: ``/ready`` turns 503 at once and new
+WebSocket connections and sessions are refused, while requests already sent to a node
+get their answers delivered if they come within the drain window (the first 80% of
+``RELAY_SHUTDOWN_TIMEOUT``); then every session ends with reason ``shutdown``, clients
+get 1001, upstreams close, and the process exits 0. A second signal exits at once (1).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import signal
 import ssl
 import time
@@ -34,12 +34,18 @@ from picows import (
 )
 
 from .config import Settings
+from .connection import ClientConnection
+from .limits import ClientRegistry
 from .logs import SILENT, safe_exception
 from .memory import read_memory, status_line
+from .metrics import CONTENT_TYPE, make_registry, render
+from .pool import NodePool
+from .probe import probe_node
 from .protocol import EndReason
 from .relay_connection import RelayConnection
 from .rpc_connection import RpcConnection
 from .sessions import SessionManager
+from .stats import Stats
 from .tasks import TaskOwner
 
 __all__ = ["RelayServer", "run"]
@@ -48,7 +54,8 @@ log = logging.getLogger("ghostcloak_relay.server")
 
 #: Initial picows read buffer per client connection (grows for large messages).
 READ_BUFFER_INIT = 1024
-_JSON_HEADERS = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+_JSON = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+DRAIN_SHARE = 0.8  # of RELAY_SHUTDOWN_TIMEOUT spent waiting for in-flight answers
 
 
 def make_server_ssl(cert: str, key: str) -> ssl.SSLContext:
@@ -60,7 +67,7 @@ def make_server_ssl(cert: str, key: str) -> ssl.SSLContext:
 
 
 class RelayServer:
-    """Routes, connections, sessions and background tasks of one relay process."""
+    """Routes, connections, sessions, nodes and background tasks of one relay process."""
 
     def __init__(
         self,
@@ -68,26 +75,37 @@ class RelayServer:
         *,
         clock: Callable[[], float] = time.monotonic,
         upstream_ssl: ssl.SSLContext | None = None,
+        probe_nodes: bool = True,
     ) -> None:
         self.settings = settings
+        self.probe_nodes = probe_nodes  # tests that count node connections turn probes off
+        self.clock = clock
+        self.now = clock()  # coarse clock, refreshed by the housekeeping tick
         self.manager = SessionManager(clock)
+        self.pool = NodePool(settings.node, settings.node_stale_after, clock)
+        self.stats = Stats(len(settings.node))
+        self.clients = ClientRegistry(
+            settings.max_connections_per_client, settings.rate_limit_per_client, clock
+        )
         self.tasks = TaskOwner()
         self.upstream_ssl = upstream_ssl
-        self.connections: set[RelayConnection | RpcConnection] = set()
+        self.server_ssl: ssl.SSLContext | None = None
+        self.connections: set[ClientConnection] = set()
         self.draining = False
         self.port = 0
+        self.registry = make_registry(self)
         self._server: asyncio.Server | None = None
         self._all_closed = asyncio.Event()
         self._all_closed.set()
+        self._stopped = False
 
-    # -- lifecycle --------------------------------------------------------------------------
+    # -- lifecycle -----------
 
     async def start(self) -> None:
-        """Bind and listen; start the cleanup and monitoring loops."""
+        """Bind and listen; start probes, housekeeping, cleanup and monitoring."""
         settings = self.settings
-        ssl_ctx = None
         if settings.tls_cert is not None and settings.tls_key is not None:
-            ssl_ctx = make_server_ssl(settings.tls_cert, settings.tls_key)
+            self.server_ssl = make_server_ssl(settings.tls_cert, settings.tls_key)
         else:
             log.warning(
                 "TLS is off (RELAY_TLS_CERT/RELAY_TLS_KEY not set): serving plain ws://; "
@@ -102,19 +120,32 @@ class RelayServer:
             self._route,
             settings.host,
             settings.port,
-            ssl=ssl_ctx,
+            ssl=self.server_ssl,
             logger_name=SILENT,
             enable_auto_pong=True,
+            enable_auto_ping=True,
+            auto_ping_idle_timeout=settings.ping_interval,
+            auto_ping_reply_timeout=settings.ping_interval,
             max_frame_size=settings.max_message_bytes,
             read_buffer_init_size=READ_BUFFER_INIT,
             websocket_handshake_timeout=10,
+            reuse_port=None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        tick = min(
+            1.0,
+            settings.idle_timeout / 4,
+            settings.request_timeout / 4,
+            settings.slow_client_timeout / 4,
+        )
+        self.tasks.spawn(self._every(tick, self.housekeeping), name="housekeeping")
         self.tasks.spawn(self._every(settings.cleanup_interval, self.cleanup), name="cleanup")
         self.tasks.spawn(self._every(settings.log_interval, self.log_status), name="monitor")
-        scheme = "wss" if ssl_ctx is not None else "ws"
+        if self.probe_nodes:
+            self.tasks.spawn(self._probe_loop(), name="probes")
+        scheme = "wss" if self.server_ssl is not None else "ws"
         log.info(
-            "relay listening on %s://%s:%d/relay (%d node(s) configured)",
+            "relay listening on %s://%s:%d (/relay, /rpc; %d node(s) configured)",
             scheme,
             settings.host,
             self.port,
@@ -122,102 +153,165 @@ class RelayServer:
         )
 
     async def shutdown(self) -> None:
-        """Graceful stop: sessions end with ``shutdown``, clients get 1001."""
-        if self.draining:
+        """Drain, then end every session with ``shutdown`` and close clients with 1001."""
+        if self._stopped:
             return
+        self._stopped = True
         self.draining = True
+        timeout = self.settings.shutdown_timeout
+        deadline = self.clock() + timeout
         log.info(
-            "shutting down: %d connection(s), %d session(s)",
+            "draining: %d connection(s), %d session(s), %d request(s) in flight",
             len(self.connections),
             self.manager.active_count(),
+            self.in_flight(),
         )
-        if self._server is not None:
-            self._server.close()
+        drain_until = self.clock() + timeout * DRAIN_SHARE
+        while self.in_flight() and self.clock() < drain_until:  # noqa: ASYNC110 - polled
+            await asyncio.sleep(0.01)
         for conn in list(self.connections):
             conn.close(WSCloseCode.GOING_AWAY, EndReason.SHUTDOWN)
         try:
-            async with asyncio.timeout(self.settings.shutdown_timeout):
+            async with asyncio.timeout(max(0.0, deadline - self.clock())):
                 await self._all_closed.wait()
         except TimeoutError:
             log.warning("shutdown timeout: aborting %d connection(s)", len(self.connections))
             for conn in list(self.connections):
                 if conn.transport is not None:
                     conn.transport.disconnect(graceful=False)
-        await self.tasks.aclose()
         if self._server is not None:
             self._server.close()
+        await self.tasks.aclose()
+        if self._server is not None:
             await self._server.wait_closed()
         log.info("shutdown complete")
 
-    # -- routing ------------------------------------------------------------------------------
+    def in_flight(self) -> int:
+        return sum(s.in_flight for conn in self.connections for s in conn.sessions())
+
+    # -- routing -----------
 
     def _route(
         self, request: WSUpgradeRequest
     ) -> WSListener | WSUpgradeResponseWithListener | None:
         path = request.path.split(b"?", 1)[0]
-        if path == b"/relay" and request.method == b"GET":
-            if self.draining:
-                return _plain(503, b'{"error":"shutting down"}')
-            return RelayConnection(self)
-        if path == b"/rpc" and request.method == b"GET":
-            if self.draining:
-                return _plain(503, b'{"error":"shutting down"}')
-            return RpcConnection(self)
-        if path == b"/health" and request.method == b"GET":
-            return _plain(200, orjson.dumps(self.health()))
+        if request.method != b"GET":
+            return None
+        if path == b"/relay" or path == b"/rpc":
+            refusal = self._admission()
+            if refusal is not None:
+                return refusal
+            return RelayConnection(self) if path == b"/relay" else RpcConnection(self)
+        if path == b"/health":
+            return _respond(200, orjson.dumps(self.health()))
+        if path == b"/ready":
+            ready = self.ready()
+            body = orjson.dumps(
+                {
+                    "status": "ready" if ready else "unavailable",
+                    "draining": self.draining,
+                    "healthyNodes": sum(1 for n in self.pool.nodes if n.healthy),
+                }
+            )
+            return _respond(200 if ready else 503, body)
+        if path == b"/metrics":
+            return _respond(200, render(self.registry), {"Content-Type": CONTENT_TYPE})
         return None  # picows answers 404, for plain GETs and upgrades alike
 
+    def _admission(self) -> WSUpgradeResponseWithListener | None:
+        if self.draining:
+            self.stats.refused["shutting_down"] += 1
+            return _respond(503, b'{"error":"shutting_down"}')
+        if len(self.connections) >= self.settings.max_connections:
+            self.stats.refused["too_many_connections"] += 1
+            return _respond(503, b'{"error":"too_many_connections"}')
+        return None
+
     def health(self) -> dict[str, Any]:
+        """Liveness: the original design's answer."""
         return {"status": "ok", "activeSessions": self.manager.active_count()}
 
-    # -- connections --------------------------------------------------------------------------
+    def ready(self) -> bool:
+        """Readiness: serving, not draining, and at least one node healthy."""
+        return not self.draining and self.pool.any_healthy
 
-    def register(self, conn: RelayConnection | RpcConnection) -> None:
+    # -- connections -----------
+
+    def register(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
+        self.stats.connections[conn.endpoint] += 1
         self._all_closed.clear()
 
-    def unregister(self, conn: RelayConnection | RpcConnection) -> None:
+    def unregister(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
         if not self.connections:
             self._all_closed.set()
 
-    def pick_node(self) -> str:
-        """A node for a new session, at random so no node sees every session."""
-        return random.choice(self.settings.node)
+    # -- background -----------
 
-    # -- monitoring ---------------------------------------------------------------------------
+    def housekeeping(self) -> None:
+        """About once a second: the coarse clock, request timeouts, idle and slow peers."""
+        self.now = now = self.clock()
+        for conn in list(self.connections):
+            conn.tick(now)
 
     def cleanup(self) -> None:
         """End sessions older than ``RELAY_SESSION_MAX_AGE`` (reason ``expired``)."""
         expired = self.manager.cleanup(self.settings.session_max_age)
         for session in expired:
             owner = session.owner
-            if isinstance(owner, RelayConnection):
-                live = owner.sessions.get(session.session_id)
-                if live is not None:
-                    live.end(EndReason.EXPIRED)
-            elif isinstance(owner, RpcConnection):
-                owner.end_session(EndReason.EXPIRED)
+            if isinstance(owner, ClientConnection):
+                for live in list(owner.sessions()):
+                    if live.session_id == session.session_id:
+                        live.end(EndReason.EXPIRED)
         if expired:
             log.info("cleanup: %d session(s) expired", len(expired))
 
     def log_status(self) -> None:
         log.info(status_line(self.manager.active_count(), read_memory()))
 
+    async def _probe_loop(self) -> None:
+        settings = self.settings
+        while True:
+            await asyncio.gather(*(self._probe(node) for node in self.pool.nodes))
+            await asyncio.sleep(settings.node_probe_interval)
+
+    async def _probe(self, node: Any) -> None:
+        was = node.healthy
+        try:
+            best = await probe_node(
+                node.url,
+                timeout=self.settings.upstream_connect_timeout,
+                ssl_context=self.upstream_ssl,
+            )
+        except Exception as exc:
+            self.pool.failed(node)
+            if was is not False:
+                log.warning("node %s unhealthy: %s", node.name, safe_exception(exc))
+            return
+        self.pool.probe_ok(node, best)
+        if node.healthy and was is not True:
+            log.info("node %s healthy (best block %d)", node.name, best)
+        elif not node.healthy and was is not False:
+            log.warning("node %s unhealthy: best block has not advanced", node.name)
+
     async def _every(self, interval: float, fn: Callable[[], None]) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
                 fn()
-            except Exception as exc:  # a monitoring failure must not stop the loop
+            except Exception as exc:  # a periodic failure must not stop the loop
                 log.error("periodic task failed: %s", safe_exception(exc))
 
 
-def _plain(status: int, body: bytes) -> WSUpgradeResponseWithListener:
+def _respond(
+    status: int, body: bytes, headers: dict[str, str] | None = None
+) -> WSUpgradeResponseWithListener:
+    headers = headers or _JSON
     if status < 400:
-        response = WSUpgradeResponse.create_ok_response(body, _JSON_HEADERS)
+        response = WSUpgradeResponse.create_ok_response(body, headers)
     else:
-        response = WSUpgradeResponse.create_error_response(status, body, _JSON_HEADERS)
+        response = WSUpgradeResponse.create_error_response(status, body, headers)
     return WSUpgradeResponseWithListener(response, None)
 
 
@@ -229,11 +323,10 @@ def _loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, 
 
 
 async def run(settings: Settings, *, ready: Callable[[RelayServer], None] | None = None) -> int:
-    """Serve until SIGTERM/SIGINT, then shut down gracefully; return the exit status."""
+    """Serve until SIGTERM/SIGINT, then drain and shut down; return the exit status."""
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_loop_exception_handler)
     server = RelayServer(settings)
-    await server.start()
     stop = asyncio.Event()
     signals_seen = 0
 
@@ -244,10 +337,12 @@ async def run(settings: Settings, *, ready: Callable[[RelayServer], None] | None
             log.warning("second signal: exiting now")
             os._exit(1)
         log.info("received %s", signal.Signals(signum).name)
+        server.draining = True  # /ready turns 503 at once
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before listening: no signal is missed
         loop.add_signal_handler(sig, on_signal, sig)
+    await server.start()
     if ready is not None:
         ready(server)
     try:

@@ -37,6 +37,7 @@ class UpstreamSink(Protocol):
     def on_upstream_open(self, transport: WSTransport) -> None: ...
     def on_upstream_message(self, data: bytes, binary: bool) -> None: ...
     def on_upstream_closed(self, clean: bool) -> None: ...
+    def on_upstream_pause(self, stuck: bool) -> None: ...
 
 
 class UpstreamListener(WSListener):
@@ -85,6 +86,12 @@ class UpstreamListener(WSListener):
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._sink.on_upstream_closed(self._clean_close and not self._failed)
 
+    def pause_writing(self) -> None:  # the node is not reading what we send
+        self._sink.on_upstream_pause(True)
+
+    def resume_writing(self) -> None:
+        self._sink.on_upstream_pause(False)
+
 
 async def connect(
     url: str,
@@ -93,11 +100,15 @@ async def connect(
     timeout: float,
     max_message_bytes: int,
     ssl_context: ssl.SSLContext | None = None,
+    ping_interval: float | None = None,
+    write_buffer_bytes: int = 1024 * 1024,
 ) -> WSTransport:
     """Open a fresh connection to ``url``; ``sink.on_upstream_open`` runs before return.
 
     Raises ``OSError``, ``TimeoutError`` or a picows error when the node cannot be
-    reached within ``timeout`` seconds (TCP connect plus WebSocket handshake).
+    reached within ``timeout`` seconds (TCP connect plus WebSocket handshake). With
+    ``ping_interval``, the node is pinged after that much silence and the connection
+    dropped if it does not answer within the same time.
     """
     async with asyncio.timeout(timeout):
         transport, _ = await ws_connect(
@@ -111,5 +122,11 @@ async def connect(
             read_buffer_init_size=READ_BUFFER_INIT,
             extra_headers={"User-Agent": USER_AGENT},
             max_redirects=0,
+            enable_auto_ping=ping_interval is not None,
+            auto_ping_idle_timeout=ping_interval or 30.0,
+            auto_ping_reply_timeout=ping_interval or 30.0,
         )
+    transport.underlying_transport.set_write_buffer_limits(
+        high=write_buffer_bytes, low=write_buffer_bytes // 4
+    )
     return transport

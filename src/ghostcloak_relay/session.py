@@ -1,0 +1,306 @@
+"""One session at the edge: its fresh upstream connection and the traffic both ways.
+
+:class:`UpstreamSession` holds what ``/relay`` envelope sessions and ``/rpc``
+connections share: dialing a node from the pool (failing over to the next one, with
+backoff, before giving up), queueing client messages until the node's connection is
+open (bounded by ``RELAY_MAX_QUEUED_MESSAGES``), the JSON-RPC policy
+(:class:`.rpc.RpcSession`), request timeouts, the idle timeout, backpressure towards the
+node, and ending exactly once. Subclasses decide how a message reaches the client
+(wrapped in an envelope or not) and how the client is told that the session ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from picows import WSCloseCode, WSMsgType, WSTransport
+
+from .limits import TokenBucket
+from .logs import ref, safe_exception
+from .protocol import EndReason, ErrorCode
+from .rpc import DROP, RpcSession
+from .sessions import Session
+from .upstream import connect
+
+if TYPE_CHECKING:
+    from .connection import ClientConnection
+
+__all__ = ["State", "UpstreamSession"]
+
+log = logging.getLogger("ghostcloak_relay.session")
+
+_TEXT = WSMsgType.TEXT
+_BINARY = WSMsgType.BINARY
+
+#: Nodes tried for one session start before ``upstream_unavailable``, and the backoff
+#: before the second and third try (seconds).
+MAX_CONNECT_ATTEMPTS = 3
+CONNECT_BACKOFF = (0.0, 0.05, 0.2)
+
+
+class State(Enum):
+    CONNECTING = 1
+    OPEN = 2
+    CLOSED = 3
+
+
+class UpstreamSession:
+    """A session's upstream connection and its state; ends exactly once."""
+
+    needs_json = False  # /relay must splice node messages into envelopes: JSON only
+
+    def __init__(self, conn: ClientConnection, core: Session) -> None:
+        self.conn = conn
+        self.core = core
+        self.session_id = core.session_id
+        server = conn.server
+        settings = server.settings
+        self.state = State.CONNECTING
+        self.upstream: WSTransport | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        # while connecting: (to_node, opcode, data) in arrival order; None afterwards
+        self._queue: deque[tuple[bool, WSMsgType, bytes | str]] | None = deque()
+        self.last_active = server.now
+        self.node_stuck_since: float | None = None
+        self.rpc: RpcSession | None = None
+        if settings.rpc_methods.enabled:
+            buckets = tuple(
+                b
+                for b in (
+                    TokenBucket(settings.rate_limit) if settings.rate_limit > 0 else None,
+                    conn.client_bucket,
+                )
+                if b is not None
+            )
+            self.rpc = RpcSession(
+                settings.rpc_methods,
+                settings.max_subscriptions_per_session,
+                settings.max_batch,
+                buckets=buckets,
+                request_timeout=settings.request_timeout,
+                observe=server.stats.observe_rtt,
+            )
+        server.stats.sessions_started[conn.endpoint] += 1
+
+    # -- to be provided by the endpoint -----------
+
+    def deliver(self, data: bytes, binary: bool) -> None:
+        """A message for the client (from the node, or the relay's own JSON-RPC answer)."""
+        raise NotImplementedError
+
+    def opened(self) -> None:
+        """The upstream connection is open (before queued messages are flushed)."""
+
+    def ended(self, reason: EndReason, notify: bool) -> None:
+        """The session has ended; tell the client if ``notify``."""
+        raise NotImplementedError
+
+    def unavailable(self) -> None:
+        """No node could be reached; the session never started."""
+        raise NotImplementedError
+
+    # -- dialing -----------
+
+    def begin(self) -> None:
+        self.connect_task = self.conn.server.tasks.spawn(self._connect(), name="upstream-connect")
+
+    async def _connect(self) -> None:
+        server = self.conn.server
+        settings = server.settings
+        stats = server.stats
+        for attempt, node in enumerate(server.pool.candidates()[:MAX_CONNECT_ATTEMPTS]):
+            if attempt:
+                await asyncio.sleep(CONNECT_BACKOFF[attempt])
+            stats.upstream_connects[node.index] += 1
+            try:
+                await connect(
+                    node.url,
+                    self,
+                    timeout=settings.upstream_connect_timeout,
+                    max_message_bytes=settings.max_message_bytes,
+                    ssl_context=server.upstream_ssl,
+                    ping_interval=settings.ping_interval,
+                    write_buffer_bytes=settings.client_buffer_bytes,
+                )
+                return
+            except Exception as exc:  # every way of not reaching a node is the same here
+                stats.upstream_failures[node.index] += 1
+                server.pool.failed(node)
+                if self.state is not State.CONNECTING:
+                    return
+                log.info(
+                    "session %s: node %s unreachable: %s",
+                    ref(self.session_id),
+                    node.name,
+                    safe_exception(exc),
+                )
+        if self.state is State.CONNECTING:
+            self.state = State.CLOSED
+            self._queue = None
+            server.stats.refused["upstream_unavailable"] += 1
+            self.unavailable()
+
+    # -- upstream events (UpstreamSink) -----------
+
+    def on_upstream_open(self, transport: WSTransport) -> None:
+        if self.state is not State.CONNECTING:  # ended while the handshake was finishing
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+            return
+        self.upstream = transport
+        self.state = State.OPEN
+        if self.conn.paused_since is not None:
+            transport.underlying_transport.pause_reading()
+        self.opened()
+        queue, self._queue = self._queue, None
+        if queue:
+            for to_node, opcode, data in queue:
+                if to_node:
+                    transport.send(opcode, data)
+                else:
+                    self.deliver(data if isinstance(data, bytes) else data.encode(), False)
+        log.debug("session %s open", ref(self.session_id))
+
+    def on_upstream_message(self, data: bytes, binary: bool) -> None:
+        if self.state is not State.OPEN:
+            return
+        server = self.conn.server
+        self.last_active = server.now
+        stats = server.stats
+        stats.msgs_to_client += 1
+        stats.bytes_to_client += len(data)
+        rpc = self.rpc
+        if rpc is not None or self.needs_json:
+            try:
+                msg = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                log.info("session %s: node sent a message that is not JSON", ref(self.session_id))
+                self.end(EndReason.UPSTREAM_ERROR)
+                return
+            if rpc is not None:
+                out = rpc.node_message(msg)
+                if out is DROP:
+                    return
+                if out is not None:
+                    data, binary = orjson.dumps(out), False
+        self.deliver(data, binary)
+
+    def on_upstream_closed(self, clean: bool) -> None:
+        self.upstream = None
+        self.end(EndReason.UPSTREAM_CLOSED if clean else EndReason.UPSTREAM_ERROR)
+
+    def on_upstream_pause(self, stuck: bool) -> None:
+        """The node stopped (or resumed) reading what the relay sends it."""
+        if stuck == (self.node_stuck_since is not None) or self.state is State.CLOSED:
+            return
+        self.node_stuck_since = self.conn.server.now if stuck else None
+        self.conn.node_not_reading(stuck)
+
+    # -- client side -----------
+
+    def from_client(
+        self, msg: Any, raw: bytes | str | None, opcode: WSMsgType = _TEXT
+    ) -> ErrorCode | None:
+        """A parsed client message (``raw``: its original text, forwarded when unchanged)."""
+        self.last_active = self.conn.server.now
+        rpc = self.rpc
+        if rpc is not None:
+            decision = rpc.client_message(msg)
+            if decision.answer is not None:
+                self.conn.server.stats.refused["policy"] += 1
+                self.reply(decision.answer)
+            if decision.forward is None:
+                return None
+            if decision.changed or raw is None:
+                raw, opcode = orjson.dumps(decision.forward), _TEXT
+        elif raw is None:
+            raw = orjson.dumps(msg)
+        return self.to_node(opcode, raw)
+
+    def to_node(self, opcode: WSMsgType, data: bytes | str) -> ErrorCode | None:
+        stats = self.conn.server.stats
+        stats.msgs_to_node += 1
+        stats.bytes_to_node += len(data)
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.send(opcode, data)
+            return None
+        return self._enqueue(True, opcode, data)
+
+    def reply(self, answer: Any) -> None:
+        """The relay's own JSON-RPC answer, in order with the node's."""
+        data = orjson.dumps(answer)
+        if self.state is State.CONNECTING:
+            self._enqueue(False, _TEXT, data)
+        elif self.state is State.OPEN:
+            self.deliver(data, False)
+
+    def _enqueue(self, to_node: bool, opcode: WSMsgType, data: bytes | str) -> ErrorCode | None:
+        queue = self._queue
+        if queue is None:
+            return None
+        if len(queue) >= self.conn.server.settings.max_queued_messages:
+            self.conn.server.stats.refused["queue_full"] += 1
+            return ErrorCode.QUEUE_FULL
+        queue.append((to_node, opcode, data))
+        return None
+
+    def pause_node_reading(self, pause: bool) -> None:
+        upstream = self.upstream
+        if upstream is not None and not upstream.is_disconnected:
+            raw = upstream.underlying_transport
+            if pause:
+                raw.pause_reading()
+            else:
+                raw.resume_reading()
+
+    @property
+    def in_flight(self) -> int:
+        return self.rpc.in_flight if self.rpc is not None else 0
+
+    # -- time and ending -----------
+
+    def tick(self, now: float) -> None:
+        settings = self.conn.server.settings
+        if self.rpc is not None and self.state is State.OPEN:
+            for answer in self.rpc.expire():
+                self.conn.server.stats.refused["timeout"] += 1
+                self.reply(answer)
+        if now - self.last_active >= settings.idle_timeout:
+            self.end(EndReason.IDLE)
+        elif (
+            self.node_stuck_since is not None
+            and now - self.node_stuck_since >= settings.slow_client_timeout
+        ):
+            log.info("session %s: node not reading", ref(self.session_id))
+            self.end(EndReason.UPSTREAM_ERROR)
+
+    def end(self, reason: EndReason, *, notify: bool = True) -> None:
+        """End once: close the upstream, account for it, tell the client."""
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        self._queue = None
+        task = self.connect_task
+        if task is not None and not task.done():
+            task.cancel()
+        if self.node_stuck_since is not None:
+            self.node_stuck_since = None
+            self.conn.node_not_reading(False)
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None and not upstream.is_disconnected:
+            upstream.send_close(self.upstream_close_code(reason))
+            upstream.disconnect()
+        server = self.conn.server
+        server.manager.end(self.session_id, reason)
+        server.stats.sessions_ended[reason.value] += 1
+        self.ended(reason, notify)
+        log.debug("session %s ended: %s", ref(self.session_id), reason.value)
+
+    def upstream_close_code(self, reason: EndReason) -> WSCloseCode:
+        return WSCloseCode.OK
