@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"ghostcloak-relay: {exc}", file=sys.stderr)
             return 2
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
         from .server import run
 
         return _run(run(settings))

@@ -11,9 +11,11 @@ that is switched off (:data:`SILENT`).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import sys
+import time
 import traceback
 from types import TracebackType
 from typing import Any
@@ -54,10 +56,30 @@ class _NoExceptionText(logging.Formatter):
         return ""
 
 
-def configure_logging(level: str) -> None:
-    """Send relay logs to stderr at ``level``; quiet third-party loggers."""
+class _JsonFormatter(_NoExceptionText):
+    """One JSON object per line, for log shippers; the same privacy rules as text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Send relay logs to stderr at ``level`` as ``text`` or ``json``; quiet libraries."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_NoExceptionText("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if fmt == "json":
+        formatter: logging.Formatter = _JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = _NoExceptionText("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

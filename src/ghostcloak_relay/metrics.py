@@ -12,7 +12,8 @@ Families (all prefixed ``ghostcloak_relay_``; no label ever holds client data):
   ``node_healthy{node}`` (1 healthy, 0 not, -1 not probed yet), ``node_best_block{node}``,
   with ``node`` the index in ``MIDNIGHT_NODE``;
 * ``upstream_rtt_seconds`` histogram: request to answer, as the relay sees it;
-* ``draining`` gauge, ``asyncio_tasks`` gauge;
+* ``draining`` and ``ready`` gauges, ``asyncio_tasks`` gauge;
+* ``tls_reloads_total{result}``, ``tls_certificate_expiry_timestamp_seconds``;
 * the standard ``process_*`` families (resident memory, open fds, CPU seconds).
 """
 
@@ -135,6 +136,19 @@ class RelayCollector(Collector):
             sum_value=stats.rtt_sum,
         )
         yield GaugeMetricFamily(P + "draining", "1 while shutting down", value=int(server.draining))
+        yield GaugeMetricFamily(P + "ready", "1 when /ready answers 200", value=int(server.ready()))
+        reloads = CounterMetricFamily(
+            P + "tls_reloads", "Certificate reloads, by result", labels=["result"]
+        )
+        for result, count in server.tls_reloads.items():
+            reloads.add_metric([result], count)
+        yield reloads
+        if server.tls_not_after is not None:
+            yield GaugeMetricFamily(
+                P + "tls_certificate_expiry_timestamp_seconds",
+                "notAfter of the serving certificate (Unix time)",
+                value=server.tls_not_after,
+            )
         try:
             tasks = len(asyncio.all_tasks())
         except RuntimeError:

@@ -19,8 +19,10 @@ import logging
 import os
 import signal
 import ssl
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -66,6 +68,15 @@ def make_server_ssl(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+def _cert_not_after(path: str) -> float | None:
+    """The certificate's expiry as a Unix time (for the metric), if it can be read."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]
+        return float(ssl.cert_time_to_seconds(decoded["notAfter"]))
+    except Exception:
+        return None
+
+
 class RelayServer:
     """Routes, connections, sessions, nodes and background tasks of one relay process."""
 
@@ -98,6 +109,9 @@ class RelayServer:
         self._all_closed = asyncio.Event()
         self._all_closed.set()
         self._stopped = False
+        self._tls_stamp: tuple[float, float] | None = None
+        self.tls_reloads = {"ok": 0, "failed": 0}
+        self.tls_not_after: float | None = None
 
     # -- lifecycle -----------
 
@@ -106,6 +120,8 @@ class RelayServer:
         settings = self.settings
         if settings.tls_cert is not None and settings.tls_key is not None:
             self.server_ssl = make_server_ssl(settings.tls_cert, settings.tls_key)
+            self._tls_stamp = self._tls_mtimes()
+            self.tls_not_after = _cert_not_after(settings.tls_cert)
         else:
             log.warning(
                 "TLS is off (RELAY_TLS_CERT/RELAY_TLS_KEY not set): serving plain ws://; "
@@ -250,10 +266,55 @@ class RelayServer:
     # -- background -----------
 
     def housekeeping(self) -> None:
-        """About once a second: the coarse clock, request timeouts, idle and slow peers."""
+        """About once a second: the coarse clock, request timeouts, idle and slow peers,
+        and a changed certificate file."""
         self.now = now = self.clock()
         for conn in list(self.connections):
             conn.tick(now)
+        if self._tls_stamp is not None and self._tls_mtimes() != self._tls_stamp:
+            self.reload_tls()
+
+    # -- TLS certificate reload ------------------------------------------------------
+
+    def _tls_mtimes(self) -> tuple[float, float]:
+        try:
+            return (
+                os.stat(self.settings.tls_cert or "").st_mtime,
+                os.stat(self.settings.tls_key or "").st_mtime,
+            )
+        except OSError:
+            return (0.0, 0.0)
+
+    def reload_tls(self) -> bool:
+        """Load ``RELAY_TLS_CERT``/``RELAY_TLS_KEY`` again (SIGHUP or a changed file).
+
+        New connections get the new certificate; open ones are untouched. The files are
+        read once and checked in a scratch context first, so a bad pair is refused with a
+        log line and the old certificate keeps serving.
+        """
+        cert, key, live = self.settings.tls_cert, self.settings.tls_key, self.server_ssl
+        if cert is None or key is None or live is None:
+            return False
+        self._tls_stamp = self._tls_mtimes()
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                pair = Path(scratch) / "pair.pem"
+                pair.write_bytes(Path(key).read_bytes() + b"\n" + Path(cert).read_bytes())
+                pair.chmod(0o600)
+                make_server_ssl(str(pair), str(pair))  # refuses a bad or mismatched pair
+                live.load_cert_chain(str(pair), str(pair))
+                not_after = _cert_not_after(str(pair))
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self.tls_reloads["failed"] += 1
+            log.error(
+                "TLS reload refused (%s): the previous certificate keeps serving",
+                type(exc).__name__,
+            )
+            return False
+        self.tls_reloads["ok"] += 1
+        self.tls_not_after = not_after
+        log.info("TLS certificate reloaded")
+        return True
 
     def cleanup(self) -> None:
         """End sessions older than ``RELAY_SESSION_MAX_AGE`` (reason ``expired``)."""
@@ -342,6 +403,7 @@ async def run(settings: Settings, *, ready: Callable[[RelayServer], None] | None
 
     for sig in (signal.SIGTERM, signal.SIGINT):  # before listening: no signal is missed
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     await server.start()
     if ready is not None:
         ready(server)
@@ -349,6 +411,6 @@ async def run(settings: Settings, *, ready: Callable[[RelayServer], None] | None
         await stop.wait()
     finally:
         await server.shutdown()  # the handlers stay: a second signal still exits at once
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return 0
