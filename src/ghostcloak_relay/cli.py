@@ -86,9 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"ghostcloak-relay: {exc}", file=sys.stderr)
             return 2
         configure_logging(settings.log_level, settings.log_format)
+        _raise_fd_limit()
         from .server import run
 
-        return _run(run(settings))
+        if settings.workers == 1:
+            return _run(run(settings))
+        from .workers import run_workers
+
+        return run_workers(settings, lambda s, board, i: _run(run(s, board=board, worker=i)))
     if args.command == "devnode":
         configure_logging(os.environ.get("RELAY_LOG_LEVEL", "info"))
         return _run(_devnode(args.host, args.port, args.block_time))
@@ -96,6 +101,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(os.environ.get("RELAY_LOG_LEVEL", "warning"))
         return _run(_demo(args.port, args.node_port, args.block_time, args.exit_after_script))
     return _run(_check(args.url, args.cafile, args.timeout))
+
+
+def _raise_fd_limit() -> None:
+    """Every session holds two sockets: raise the soft open-file limit to the hard one."""
+    import logging
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            logging.getLogger("ghostcloak_relay").warning(
+                "open-file limit stays at %d (could not raise it to %d)", soft, hard
+            )
+            return
+        logging.getLogger("ghostcloak_relay").info(
+            "raised the open-file limit from %d to %d (two per session)", soft, hard
+        )
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:

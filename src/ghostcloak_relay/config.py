@@ -33,6 +33,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _workers(raw: str) -> int:
+    value = int(raw.strip(), 10)
+    if value < 0:
+        raise ValueError
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw.strip(), 10)
     if not 0 <= value <= 65535:
@@ -129,7 +136,7 @@ OPTIONS: tuple[Option, ...] = (
         "ws://127.0.0.1:9944",
         _node_urls,
         "one or more ws:// or wss:// URLs, comma-separated",
-        "upstream Midnight node WebSocket URL",
+        "upstream Midnight node WebSocket URL; a comma-separated list makes a pool",
     ),
     Option(
         "tls_cert",
@@ -347,6 +354,14 @@ OPTIONS: tuple[Option, ...] = (
         "text or json",
         "log line format (json: one object per line)",
     ),
+    Option(
+        "workers",
+        "RELAY_WORKERS",
+        "1",
+        _workers,
+        "an integer 0 or more (0: one per CPU)",
+        "worker processes sharing the port (SO_REUSEPORT), supervised",
+    ),
 )
 
 
@@ -381,6 +396,7 @@ class Settings:
     node_probe_interval: float = 10.0
     node_stale_after: float = 60.0
     log_format: str = "text"
+    workers: int = 1
     rpc_methods: MethodPolicy = SAFE_POLICY
     max_subscriptions_per_session: int = 64
     max_batch: int = 10

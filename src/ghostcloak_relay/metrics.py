@@ -50,11 +50,11 @@ class RelayCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         server = self.server
-        stats = server.stats
+        stats = server.server_stats()
         yield GaugeMetricFamily(
             P + "sessions_active",
             "Sessions open now (both endpoints)",
-            value=server.manager.active_count(),
+            value=server.active_sessions(),
         )
         started = CounterMetricFamily(
             P + "sessions_started", "Sessions started", labels=["endpoint"]
@@ -81,11 +81,8 @@ class RelayCollector(Collector):
         total = CounterMetricFamily(
             P + "connections", "Client connections accepted", labels=["endpoint"]
         )
-        open_by = {ep: 0 for ep in ENDPOINTS}
-        for conn in server.connections:
-            open_by[conn.endpoint] += 1
         for ep in ENDPOINTS:
-            active.add_metric([ep], open_by[ep])
+            active.add_metric([ep], stats.open_connections[ep])
             total.add_metric([ep], stats.connections[ep])
         yield active
         yield total

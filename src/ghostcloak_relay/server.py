@@ -35,6 +35,7 @@ from picows import (
     ws_create_server,
 )
 
+from .board import Board
 from .config import Settings
 from .connection import ClientConnection
 from .limits import ClientRegistry
@@ -58,6 +59,10 @@ log = logging.getLogger("ghostcloak_relay.server")
 READ_BUFFER_INIT = 1024
 _JSON = {"Content-Type": "application/json", "Cache-Control": "no-store"}
 DRAIN_SHARE = 0.8  # of RELAY_SHUTDOWN_TIMEOUT spent waiting for in-flight answers
+
+
+def board_enabled(server: RelayServer) -> bool:
+    return server.board is not None
 
 
 def make_server_ssl(cert: str, key: str) -> ssl.SSLContext:
@@ -87,12 +92,17 @@ class RelayServer:
         clock: Callable[[], float] = time.monotonic,
         upstream_ssl: ssl.SSLContext | None = None,
         probe_nodes: bool = True,
+        board: Board | None = None,
+        worker: int = 0,
     ) -> None:
         self.settings = settings
         self.probe_nodes = probe_nodes  # tests that count node connections turn probes off
         self.clock = clock
         self.now = clock()  # coarse clock, refreshed by the housekeeping tick
-        self.manager = SessionManager(clock)
+        self.board = board  # shared figures when several workers serve the port
+        self.worker = worker
+        on_change = None if board is None else (lambda n: board.set_active(worker, n))
+        self.manager = SessionManager(clock, on_change)
         self.pool = NodePool(settings.node, settings.node_stale_after, clock)
         self.stats = Stats(len(settings.node))
         self.clients = ClientRegistry(
@@ -145,7 +155,7 @@ class RelayServer:
             max_frame_size=settings.max_message_bytes,
             read_buffer_init_size=READ_BUFFER_INIT,
             websocket_handshake_timeout=10,
-            reuse_port=None,
+            reuse_port=True if board_enabled(self) else None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         tick = min(
@@ -244,8 +254,19 @@ class RelayServer:
         return None
 
     def health(self) -> dict[str, Any]:
-        """Liveness: the original design's answer."""
-        return {"status": "ok", "activeSessions": self.manager.active_count()}
+        """Liveness: the original design's answer, for the whole server."""
+        return {"status": "ok", "activeSessions": self.active_sessions()}
+
+    def active_sessions(self) -> int:
+        if self.board is not None:
+            return self.board.active_total()
+        return self.manager.active_count()
+
+    def server_stats(self) -> Stats:
+        """Counters of the whole server: this process, plus the other workers' snapshots."""
+        if self.board is None:
+            return self.stats
+        return self.stats.merged(self.board.snapshots(skip=self.worker))
 
     def ready(self) -> bool:
         """Readiness: serving, not draining, and at least one node healthy."""
@@ -256,10 +277,13 @@ class RelayServer:
     def register(self, conn: ClientConnection) -> None:
         self.connections.add(conn)
         self.stats.connections[conn.endpoint] += 1
+        self.stats.open_connections[conn.endpoint] += 1
         self._all_closed.clear()
 
     def unregister(self, conn: ClientConnection) -> None:
-        self.connections.discard(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.stats.open_connections[conn.endpoint] -= 1
         if not self.connections:
             self._all_closed.set()
 
@@ -271,6 +295,8 @@ class RelayServer:
         self.now = now = self.clock()
         for conn in list(self.connections):
             conn.tick(now)
+        if self.board is not None:
+            self.board.publish(self.worker, self.stats.snapshot())
         if self._tls_stamp is not None and self._tls_mtimes() != self._tls_stamp:
             self.reload_tls()
 
@@ -379,15 +405,23 @@ def _respond(
 def _loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """asyncio's default handler prints exception text; this one prints type and place."""
     exc = context.get("exception")
-    what = safe_exception(exc) if isinstance(exc, BaseException) else "no exception"
-    log.error("event loop error: %s", what)
+    if isinstance(exc, BaseException):
+        log.warning("event loop error: %s", safe_exception(exc))
+    else:  # e.g. a client's failed TLS handshake: routine, and the context names peers
+        log.debug("event loop notice without exception")
 
 
-async def run(settings: Settings, *, ready: Callable[[RelayServer], None] | None = None) -> int:
+async def run(
+    settings: Settings,
+    *,
+    ready: Callable[[RelayServer], None] | None = None,
+    board: Board | None = None,
+    worker: int = 0,
+) -> int:
     """Serve until SIGTERM/SIGINT, then drain and shut down; return the exit status."""
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_loop_exception_handler)
-    server = RelayServer(settings)
+    server = RelayServer(settings, board=board, worker=worker)
     stop = asyncio.Event()
     signals_seen = 0
 
@@ -404,6 +438,8 @@ async def run(settings: Settings, *, ready: Callable[[RelayServer], None] | None
     for sig in (signal.SIGTERM, signal.SIGINT):  # before listening: no signal is missed
         loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+    # a worker is forked with these blocked (see workers.py); pending ones arrive now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
     await server.start()
     if ready is not None:
         ready(server)

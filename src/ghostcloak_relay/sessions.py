@@ -50,11 +50,20 @@ class Session:
 class SessionManager:
     """``start``, ``end``, ``get``, ``active_count`` and ``cleanup(max_age)``."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
         self._clock = clock
         self._sessions: dict[str, Session] = {}
         self._active = 0
         self.started_total = 0
+        self._on_change = on_change  # told the new active count (shared with other workers)
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self._active)
 
     def start(self, session_id: str, owner: object) -> Session:
         """Register a new active session; raise :class:`SessionExistsError` if taken."""
@@ -65,6 +74,7 @@ class SessionManager:
         self._sessions[session_id] = session
         self._active += 1
         self.started_total += 1
+        self._changed()
         return session
 
     def end(self, session_id: str, reason: EndReason) -> Session | None:
@@ -75,6 +85,7 @@ class SessionManager:
         session.ended_at = self._clock()
         session.end_reason = reason
         self._active -= 1
+        self._changed()
         return session
 
     def discard(self, session_id: str) -> None:
@@ -83,6 +94,7 @@ class SessionManager:
         if session is not None and session.active:
             self._active -= 1
             self.started_total -= 1
+            self._changed()
 
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
@@ -107,4 +119,6 @@ class SessionManager:
                 forget.append(sid)
         for sid in forget:
             del self._sessions[sid]
+        if expired:
+            self._changed()
         return expired

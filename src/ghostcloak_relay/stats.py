@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from typing import Final
+from typing import Any, Final
 
 __all__ = ["RTT_BUCKETS", "Stats"]
 
@@ -44,11 +44,31 @@ class Stats:
         self.sessions_started: Counter[str] = Counter()  # by endpoint
         self.sessions_ended: Counter[str] = Counter()  # by reason
         self.connections: Counter[str] = Counter()  # accepted, by endpoint
+        self.open_connections: Counter[str] = Counter()  # open now, by endpoint
         self.refused: Counter[str] = Counter()  # by reason code
         self.upstream_connects = [0] * nodes
         self.upstream_failures = [0] * nodes
         self.rtt_counts = [0] * (len(RTT_BUCKETS) + 1)
         self.rtt_sum = 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data for other workers (see :mod:`.board`)."""
+        return {k: v for k, v in vars(self).items()}
+
+    def merged(self, others: list[dict[str, Any]]) -> Stats:
+        """These counters plus other workers' snapshots: the whole server's view."""
+        total = Stats(len(self.upstream_connects))
+        for part in [self.snapshot(), *others]:
+            for key, value in part.items():
+                mine = getattr(total, key, None)
+                if isinstance(mine, Counter):
+                    mine.update(value)
+                elif isinstance(mine, list) and isinstance(value, list):
+                    for i, v in enumerate(value[: len(mine)]):
+                        mine[i] += v
+                elif isinstance(mine, int | float) and isinstance(value, int | float):
+                    setattr(total, key, mine + value)
+        return total
 
     def observe_rtt(self, seconds: float) -> None:
         self.rtt_counts[bisect_left(RTT_BUCKETS, seconds)] += 1
