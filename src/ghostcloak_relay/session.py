@@ -37,10 +37,9 @@ log = logging.getLogger("ghostcloak_relay.session")
 _TEXT = WSMsgType.TEXT
 _BINARY = WSMsgType.BINARY
 
-#: Nodes tried for one session start before ``upstream_unavailable``, and the backoff
-#: before the second and third try (seconds).
-MAX_CONNECT_ATTEMPTS = 3
-CONNECT_BACKOFF = (0.0, 0.05, 0.2)
+#: Pause before each further node tried for one session start (seconds; the last value
+#: repeats). Every configured node is tried once before ``upstream_unavailable``.
+CONNECT_BACKOFF = (0.0, 0.05, 0.2, 0.5)
 
 
 class State(Enum):
@@ -113,9 +112,9 @@ class UpstreamSession:
         server = self.conn.server
         settings = server.settings
         stats = server.stats
-        for attempt, node in enumerate(server.pool.candidates()[:MAX_CONNECT_ATTEMPTS]):
+        for attempt, node in enumerate(server.pool.candidates()):
             if attempt:
-                await asyncio.sleep(CONNECT_BACKOFF[attempt])
+                await asyncio.sleep(CONNECT_BACKOFF[min(attempt, len(CONNECT_BACKOFF) - 1)])
             stats.upstream_connects[node.index] += 1
             try:
                 await connect(
@@ -225,7 +224,10 @@ class UpstreamSession:
     def to_node(self, opcode: WSMsgType, data: bytes | str) -> ErrorCode | None:
         stats = self.conn.server.stats
         stats.msgs_to_node += 1
-        stats.bytes_to_node += len(data)
+        # str from /rpc: its length is its UTF-8 size when ASCII (an O(1) check)
+        stats.bytes_to_node += (
+            len(data) if isinstance(data, bytes) or data.isascii() else len(data.encode())
+        )
         upstream = self.upstream
         if upstream is not None:
             upstream.send(opcode, data)
