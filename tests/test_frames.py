@@ -18,6 +18,8 @@ from ghostcloak_relay.frames import (
     OP_TEXT,
     FrameError,
     MessageAssembler,
+    close_code_is_valid,
+    close_reply_code,
 )
 
 CONT, TEXT, BINARY = OP_CONTINUATION, OP_TEXT, OP_BINARY
@@ -27,6 +29,32 @@ MAX = 1024
 def test_close_codes_are_the_rfc_ones():
     assert (CLOSE_PROTOCOL_ERROR, CLOSE_INVALID_TEXT, CLOSE_MESSAGE_TOO_BIG) == (1002, 1007, 1009)
     assert (OP_CONTINUATION, OP_TEXT, OP_BINARY) == (0x0, 0x1, 0x2)
+
+
+# -- answering a CLOSE (RFC 6455 5.5.1, 7.4; Autobahn 7.7.*, 7.9.*, 7.13.*) ------------------
+
+
+@pytest.mark.parametrize(
+    "code", [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 4999]
+)
+def test_a_valid_close_code_is_echoed(code: int):
+    assert close_code_is_valid(code)
+    assert close_reply_code(2, code) == code
+
+
+@pytest.mark.parametrize(
+    "code", [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535]
+)
+def test_an_invalid_close_code_is_a_protocol_error(code: int):
+    assert not close_code_is_valid(code)
+    with pytest.raises(FrameError) as info:
+        close_reply_code(2, code)
+    assert info.value.code == CLOSE_PROTOCOL_ERROR
+
+
+def test_a_close_without_status_code_is_answered_with_1000():
+    # picows reports an empty CLOSE as NO_INFO (0), like an explicit 0: the size decides
+    assert close_reply_code(0, 0) == 1000
 
 
 def frame_error(asm: MessageAssembler, opcode: int, fin: bool, payload: bytes) -> FrameError:

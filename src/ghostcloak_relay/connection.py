@@ -1,9 +1,10 @@
 """What every client connection does, whichever endpoint: framing, limits, backpressure.
 
 :class:`ClientConnection` is the picows listener base of ``/relay`` and ``/rpc``. It
-turns frames into messages (RFC 6455: fragments joined, UTF-8 checked, close codes
-echoed), counts the connection against ``RELAY_MAX_CONNECTIONS_PER_CLIENT`` under a
-keyed hash of the client address, and applies backpressure both ways:
+turns frames into messages (RFC 6455: fragments joined, UTF-8 checked, valid close
+codes echoed, invalid ones answered with 1002), counts the connection against
+``RELAY_MAX_CONNECTIONS_PER_CLIENT`` under a keyed hash of the client address, and
+applies backpressure both ways:
 
 * the client does not read (its outbound buffer passes ``RELAY_CLIENT_BUFFER_BYTES``):
   stop reading from the client and from every node of its sessions, so TCP pushes back
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
-from .frames import FrameError, MessageAssembler
+from .frames import FrameError, MessageAssembler, close_reply_code
 from .limits import TokenBucket
 from .logs import ref
 from .protocol import EndReason
@@ -119,8 +120,12 @@ class ClientConnection(WSListener):
             self.on_text(text)
             return
         if msg_type is WSMsgType.CLOSE:
-            code = frame.get_close_code()
-            self.on_close_frame(code if code is not WSCloseCode.NO_INFO else WSCloseCode.OK)
+            try:
+                code = close_reply_code(frame.payload_size, frame.get_close_code().value)
+            except FrameError as exc:  # 0, 1005, 1006, 5000+: never echoed (RFC 6455 7.4)
+                self.fail(exc)
+                return
+            self.on_close_frame(WSCloseCode(code))
             return
         if msg_type is WSMsgType.PING or msg_type is WSMsgType.PONG:
             return

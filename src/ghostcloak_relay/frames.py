@@ -5,7 +5,8 @@ frames into complete messages: it joins fragments, bounds the total size, and va
 the UTF-8 of text messages incrementally, so an invalid fragment fails at once rather
 than after the whole message (Autobahn's "fail fast" cases). Violations raise
 :class:`FrameError` carrying the close code to send (1002 protocol error, 1007 invalid
-text, 1009 too big).
+text, 1009 too big). :func:`close_reply_code` picks the code that answers a peer's CLOSE
+(RFC 6455 section 5.5.1, 7.4).
 
 Memory bound: at most ``max_size`` bytes of payload per assembler, plus one frame.
 """
@@ -26,6 +27,8 @@ __all__ = [
     "OP_TEXT",
     "FrameError",
     "MessageAssembler",
+    "close_code_is_valid",
+    "close_reply_code",
 ]
 
 OP_CONTINUATION: Final = 0x0
@@ -49,6 +52,33 @@ class FrameError(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+def close_code_is_valid(code: int) -> bool:
+    """May a peer send ``code`` in a CLOSE frame? (RFC 6455 section 7.4.1, 7.4.2)
+
+    Yes for the defined codes 1000-1003 and 1007-1011, the IANA-registered 1012-1014, and
+    the application range 3000-4999. No for everything else: below 1000, the reserved
+    1004, 1005 (no status), 1006 (abnormal closure) and 1015 (TLS failure), which must
+    never be sent, the unassigned 1016-2999 and anything from 5000 up.
+    """
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def close_reply_code(payload_size: int, code: int) -> int:
+    """The code to answer a peer's CLOSE with: its own code, echoed (RFC 6455 5.5.1).
+
+    ``payload_size`` is the CLOSE frame's payload length and ``code`` the status code in
+    it (picows reports both "no payload" and an explicit 0 as ``NO_INFO`` = 0, so the size
+    tells them apart). A CLOSE without a status code is answered with 1000; a code no
+    endpoint may send (:func:`close_code_is_valid`) raises :class:`FrameError` 1002, so a
+    relay never puts 0, 1005, 1006 or 5000+ on the wire by echoing it.
+    """
+    if payload_size == 0:
+        return CLOSE_NORMAL
+    if not close_code_is_valid(code):
+        raise FrameError(CLOSE_PROTOCOL_ERROR, "invalid close code")
+    return code
 
 
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from .frames import FrameError, MessageAssembler
+from .frames import FrameError, MessageAssembler, close_reply_code
 from .logs import SILENT
 
 __all__ = ["USER_AGENT", "UpstreamListener", "UpstreamSink", "connect"]
@@ -64,7 +64,12 @@ class UpstreamListener(WSListener):
         if msg_type is WSMsgType.CLOSE:
             code = frame.get_close_code()
             self._clean_close = code in (WSCloseCode.OK, WSCloseCode.GOING_AWAY)
-            transport.send_close(code if code is not WSCloseCode.NO_INFO else WSCloseCode.OK)
+            try:
+                reply = close_reply_code(frame.payload_size, code.value)
+            except FrameError as exc:  # the node sent 0, 1005, 1006 or 5000+: don't echo it
+                self._failed = True
+                reply = exc.code
+            transport.send_close(WSCloseCode(reply))
             transport.disconnect()
             return
         if msg_type in (WSMsgType.PING, WSMsgType.PONG):
