@@ -36,6 +36,7 @@ __all__ = [
     "SessionEnd",
     "SessionStart",
     "decode_client_message",
+    "dumps_exact",
     "encode_error",
     "encode_session_ended",
     "encode_session_started",
@@ -137,8 +138,8 @@ def new_session_id() -> str:
     return secrets.token_hex(16)
 
 
-#: A JSON number of 20 or more digits: beyond 64 bits, where orjson gives a float.
-_BIG_INT: Final = re.compile(rb"[:\[,]\s*-?\d{20}")
+#: A JSON number of 19 or more digits: possibly beyond 64 bits, where orjson gives a float.
+_BIG_INT: Final = re.compile(rb"[:\[,]\s*-?\d{19}")
 
 
 def loads_exact(data: bytes | str) -> Any:
@@ -153,6 +154,15 @@ def loads_exact(data: bytes | str) -> Any:
     if _BIG_INT.search(raw) is not None:
         obj = json.loads(raw)
     return obj
+
+
+def dumps_exact(obj: Any) -> bytes:
+    """``orjson.dumps``, falling back to the standard library for integers beyond 64 bits
+    (kept exact by :func:`loads_exact`), so such a request is forwarded unchanged."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def decode_client_message(data: bytes | str) -> ClientMessage:

@@ -2,22 +2,36 @@
 
 :class:`RpcSession` sits between the client and the node of one session. For each client
 request it decides what reaches the node and what the relay answers itself (a method the
-policy refuses, a subscription over the cap, a malformed element). For each node message
-it keeps subscription counts and filters the answer to ``rpc_methods``. It never sees
-sockets; the edge encodes and sends what it returns.
+policy refuses, a rate limit, a subscription over the cap, a malformed element). For each
+node message it tracks answers (timeouts, round-trip times), subscriptions, and filters
+lists of methods. It never sees sockets; the edge encodes and sends what it returns.
 
-Batches: allowed elements go to the node as one batch; refused elements are answered by
-the relay *merged into the node's batch answer* (matched by the set of forwarded ids), so
-a client gets exactly one array per batch. If every element is refused, or the forwarded
-elements are all notifications, the relay answers at once. The error codes the relay
-uses itself are the constants below, listed in ``docs/protocol.md``.
+Invariants:
+
+* The node never receives a refused call, and never holds more than
+  ``max_subscriptions`` subscriptions of this session: a subscription counts from the
+  moment its subscribe call is sent until the node confirms its end (an unsubscribe
+  answered ``true``, or a final notification). Subscribe calls need a string or integer
+  id not already in flight, so that their answers can be counted.
+* The client gets exactly one answer per request id it sent: the node's, or the relay's
+  (refusal or timeout, after which a late node answer is dropped). A batch gets exactly one
+  array: refused elements are merged into the node's answer to the allowed ones (sent
+  with ids of the relay's own, so the answer is recognised even when the client reuses
+  ids, and given back their client ids), or answered at once when the node will not
+  answer anything of it. A late answer to a timed-out subscribe still creates a subscription at the
+  node; the relay ends it itself (``outbox``), since the client never learned its id.
+* Any ``{"methods": [...]}`` result (the answer to ``rpc_methods``) lists only methods the
+  policy allows, whatever id the call had.
+
+The error codes the relay uses itself are the constants below (``docs/protocol.md``).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from .limits import TokenBucket, weight
@@ -38,19 +52,12 @@ __all__ = [
 ]
 
 PARSE_ERROR: Final = -32700  # the frame is not JSON
-INVALID_REQUEST: Final = -32600  # not a JSON-RPC request object (or an empty batch)
+INVALID_REQUEST: Final = -32600  # not a request object, an empty batch, an untrackable sub id
 METHOD_NOT_ALLOWED: Final = -32601  # the relay's method policy refuses the method
 TOO_MANY_SUBSCRIPTIONS: Final = -32005  # RELAY_MAX_SUBSCRIPTIONS_PER_SESSION reached
+REQUEST_TIMEOUT: Final = -32008  # the node did not answer within RELAY_REQUEST_TIMEOUT
 BATCH_TOO_LARGE: Final = -32010  # more elements than RELAY_MAX_BATCH
 RATE_LIMITED: Final = -32029  # RELAY_RATE_LIMIT or RELAY_RATE_LIMIT_PER_CLIENT exceeded
-REQUEST_TIMEOUT: Final = -32008  # the node did not answer within RELAY_REQUEST_TIMEOUT
-
-#: Returned by :meth:`RpcSession.node_message` for a message the client must not get
-#: (the answer to a request that already timed out).
-DROP: Final = object()
-
-#: How many timed-out request ids are remembered to drop their late answers.
-MAX_TIMED_OUT_IDS: Final = 1024
 
 MESSAGES: Final = {
     PARSE_ERROR: "Parse error",
@@ -62,27 +69,42 @@ MESSAGES: Final = {
     REQUEST_TIMEOUT: "The node did not answer in time",
 }
 
-# Subscription methods whose name does not say "subscribe", and their counterparts.
-_SUBSCRIBE_EXTRA: Final = frozenset(
-    {"author_submitAndWatchExtrinsic", "chainHead_v1_follow", "transactionWatch_v1_submitAndWatch"}
-)
-_UNSUBSCRIBE_EXTRA: Final = frozenset(
-    {"author_unwatchExtrinsic", "chainHead_v1_unfollow", "transactionWatch_v1_unwatch"}
-)
-# Notifications that end their subscription on the node's side.
+#: Returned by :meth:`RpcSession.node_message` for a message the client must not get.
+DROP: Final = object()
+
+#: How many timed-out request ids are remembered to drop their late answers.
+MAX_TIMED_OUT_IDS: Final = 1024
+
+#: Subscribe methods whose name does not say so, with their unsubscribe methods.
+_SUBSCRIBE_PAIRS: Final = {
+    "author_submitAndWatchExtrinsic": "author_unwatchExtrinsic",
+    "chainHead_v1_follow": "chainHead_v1_unfollow",
+    "transactionWatch_v1_submitAndWatch": "transactionWatch_v1_unwatch",
+}
+_UNSUBSCRIBE: Final = frozenset(_SUBSCRIBE_PAIRS.values())
 _TERMINAL_TX_STATES: Final = frozenset(
     {"finalized", "usurped", "dropped", "invalid", "finalityTimeout", "retracted_final"}
 )
+_TERMINAL_TX_EVENTS: Final = frozenset({"finalized", "error", "invalid", "dropped"})
+_RELAY_ID_PREFIX: Final = "ghostcloak-relay/"
+
+# kinds of requests in flight
+_PLAIN, _SUB, _UNSUB, _OWN = 0, 1, 2, 3
 
 
 def is_subscribe(method: str) -> bool:
-    return method in _SUBSCRIBE_EXTRA or (
+    return method in _SUBSCRIBE_PAIRS or (
         "subscribe" in method and "unsubscribe" not in method.lower()
     )
 
 
 def is_unsubscribe(method: str) -> bool:
-    return method in _UNSUBSCRIBE_EXTRA or "unsubscribe" in method.lower()
+    return method in _UNSUBSCRIBE or "unsubscribe" in method.lower()
+
+
+def unsubscribe_method(method: str) -> str:
+    """``chain_subscribeNewHeads`` -> ``chain_unsubscribeNewHeads`` (and the named pairs)."""
+    return _SUBSCRIBE_PAIRS.get(method) or method.replace("_subscribe", "_unsubscribe", 1)
 
 
 def _key(value: Any) -> int | str | None:
@@ -113,26 +135,21 @@ class ClientDecision:
     answer: Any = None
 
 
-@dataclass(slots=True)
-class _Merge:
-    ids: frozenset[int | str]
-    answers: list[dict[str, Any]] = field(default_factory=list)
-
-
 class RpcSession:
-    """Policy and subscription state of one session."""
+    """Policy, rate limits, answers in flight and subscriptions of one session."""
 
     __slots__ = (
         "_buckets",
         "_clock",
         "_merges",
         "_observe",
+        "_own_ids",
         "_pending",
-        "_pending_methods",
-        "_pending_subs",
+        "_subs_in_flight",
         "_timed_out",
         "max_batch",
         "max_subscriptions",
+        "outbox",
         "policy",
         "request_timeout",
         "subscriptions",
@@ -156,22 +173,32 @@ class RpcSession:
         self._buckets = buckets
         self._clock = clock
         self._observe = observe  # called with each answered request's round-trip seconds
-        self._pending: dict[int | str, float] = {}  # request id -> sent at, in send order
-        self._timed_out: dict[int | str, None] = {}  # ids answered by the relay with a timeout
-        self.subscriptions: set[int | str] = set()  # live subscription ids at the node
-        self._pending_subs: set[int | str] = set()  # request ids of subscribe calls in flight
-        self._pending_methods: set[int | str] = set()  # request ids of rpc_methods in flight
-        self._merges: list[_Merge] = []
+        #: request id -> (sent at, kind, data): subscribe method / unsubscribed id / None
+        self._pending: dict[int | str, tuple[float, int, Any]] = {}
+        self._timed_out: dict[int | str, tuple[int, Any]] = {}  # answered by the relay
+        self._subs_in_flight = 0  # subscribe calls sent, not answered (timed out included)
+        self.subscriptions: dict[int | str, str] = {}  # live at the node -> subscribe method
+        #: batch number -> (relay id -> client id, the relay's answers to merge in)
+        self._merges: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+        self._own_ids = itertools.count(1)
+        #: requests of the relay's own for the node (ending orphaned subscriptions)
+        self.outbox: list[dict[str, Any]] = []
 
-    # -- client -> node ------------------------------------------------------------------
+    @property
+    def subscription_count(self) -> int:
+        return len(self.subscriptions) + self._subs_in_flight
+
+    # -- client -> node -------------------------------------------------------------------
 
     def client_message(self, msg: Any) -> ClientDecision:
         if isinstance(msg, list):
             return self._batch(msg)
-        refusal = self._check(msg)
-        if refusal is None:
+        verdict = self._check(msg)
+        if isinstance(verdict, tuple):
+            if "id" in msg:
+                self._track(msg["id"], *verdict)
             return ClientDecision(forward=msg)
-        return ClientDecision(answer=refusal if refusal else None)
+        return ClientDecision(answer=verdict or None)
 
     def _batch(self, batch: list[Any]) -> ClientDecision:
         if not batch:
@@ -180,30 +207,47 @@ class RpcSession:
             return ClientDecision(
                 answer=error_response(None, BATCH_TOO_LARGE, {"maxBatch": self.max_batch})
             )
-        forward: list[Any] = []
+        forward: list[tuple[dict[str, Any], int, Any]] = []
         answers: list[dict[str, Any]] = []
         for element in batch:
-            refusal = self._check(element)
-            if refusal is None:
-                forward.append(element)
-            elif refusal:
-                answers.append(refusal)
-        if not answers:
-            return ClientDecision(
-                forward=batch if len(forward) == len(batch) else forward,
-                changed=len(forward) != len(batch),
-            )
-        ids = frozenset(k for e in forward if (k := _key(e.get("id"))) is not None)
-        if not forward or not ids:
-            return ClientDecision(forward=forward or None, changed=True, answer=answers)
-        self._merges.append(_Merge(ids, answers))
-        return ClientDecision(forward=forward, changed=True)
+            verdict = self._check(element)
+            if isinstance(verdict, tuple):
+                forward.append((element, *verdict))
+            elif verdict:
+                answers.append(verdict)
+        answered = [f for f in forward if "id" in f[0]]
+        if not answers or not answered:
+            for element, kind, data in answered:
+                self._track(element["id"], kind, data)
+            elements = [f[0] for f in forward]
+            if not answers:
+                if not elements:  # only refused notifications: nothing to send or say
+                    return ClientDecision()
+                changed = len(elements) != len(batch)
+                return ClientDecision(forward=elements if changed else batch, changed=changed)
+            # the node will not answer what is forwarded (notifications only): answer now
+            return ClientDecision(forward=elements or None, changed=True, answer=answers)
+        # Refusals must be merged into the node's answer to the rest: give the forwarded
+        # elements ids of the relay's own, so that answer is recognised exactly (a client
+        # may reuse ids across batches), and restore the client's ids when it comes.
+        batch_no = next(self._own_ids)
+        aliases: dict[str, Any] = {}
+        elements = []
+        for n, (element, kind, data) in enumerate(forward):
+            if "id" in element:
+                alias = f"{_RELAY_ID_PREFIX}{batch_no}.{n}"
+                aliases[alias] = element["id"]
+                self._track(alias, kind, data)
+                element = {**element, "id": alias}
+            elements.append(element)
+        self._merges[batch_no] = (aliases, answers)
+        return ClientDecision(forward=elements, changed=True)
 
-    def _check(self, req: Any) -> dict[str, Any] | Literal[False] | None:
-        """None: forward. A dict: the relay's answer. False: drop silently (notification)."""
+    def _check(self, req: Any) -> dict[str, Any] | Literal[False] | tuple[int, Any]:
+        """A dict: the relay's answer. False: drop silently (a refused notification).
+        A (kind, data) pair: forward it, and track its answer as that kind."""
         if not isinstance(req, dict) or not isinstance(req.get("method"), str):
-            req_id = req.get("id") if isinstance(req, dict) else None
-            return error_response(req_id, INVALID_REQUEST)
+            return error_response(req.get("id") if isinstance(req, dict) else None, INVALID_REQUEST)
         method: str = req["method"]
         has_id = "id" in req
         if not self.policy.allows(method):
@@ -213,92 +257,135 @@ class RpcSession:
             for bucket in self._buckets:
                 if not bucket.take(cost):
                     return error_response(req["id"], RATE_LIMITED) if has_id else False
-        req_id = _key(req.get("id"))
         if is_subscribe(method):
-            if len(self.subscriptions) + len(self._pending_subs) >= self.max_subscriptions:
-                if not has_id:
-                    return False
+            req_id = _key(req.get("id"))
+            if not has_id:  # the node does not run notifications
+                return False
+            if req_id is None or req_id in self._pending:
+                return error_response(
+                    req["id"],
+                    INVALID_REQUEST,
+                    {"reason": "a subscribe call needs a string or integer id not in use"},
+                )
+            if self.subscription_count >= self.max_subscriptions:
                 return error_response(
                     req["id"], TOO_MANY_SUBSCRIPTIONS, {"maxSubscriptions": self.max_subscriptions}
                 )
-            if req_id is not None:
-                self._pending_subs.add(req_id)
-        elif is_unsubscribe(method):
+            self._subs_in_flight += 1
+            return (_SUB, method)
+        if is_unsubscribe(method):
             params = req.get("params")
-            if isinstance(params, list) and params and (sub := _key(params[0])) is not None:
-                self.subscriptions.discard(sub)
-        elif method == "rpc_methods" and req_id is not None:
-            self._pending_methods.add(req_id)
-        if req_id is not None:
-            self._pending[req_id] = self._clock()
-        return None
+            if isinstance(params, list) and params:
+                return (_UNSUB, _key(params[0]))
+        return (_PLAIN, None)
 
-    # -- node -> client ------------------------------------------------------------------
+    def _track(self, req_id: Any, kind: int, data: Any) -> None:
+        key = _key(req_id)
+        if key is not None:
+            self._pending[key] = (self._clock(), kind, data)
+        elif kind == _SUB:  # cannot happen: subscribe calls need a trackable id
+            self._subs_in_flight -= 1
 
-    def node_message(self, msg: Any) -> Any | None:
-        """Update state from a node message; return a replacement, or None to pass it as is."""
+    # -- node -> client -------------------------------------------------------------------
+
+    def node_message(self, msg: Any) -> Any:
+        """Update state from a node message; return a replacement, :data:`DROP`, or None
+        to pass it as is. Afterwards, send whatever :attr:`outbox` holds to the node."""
         if isinstance(msg, dict):
             return self._node_item(msg)
         if not isinstance(msg, list):
             return None
-        replaced = False
+        merge = self._merge_for(msg) if self._merges else None
+        replaced = merge is not None
         out: list[Any] = []
         for item in msg:
             new = self._node_item(item) if isinstance(item, dict) else None
             if new is DROP:
                 replaced = True
                 continue
+            if merge is not None and isinstance(item, dict) and item.get("id") in merge[0]:
+                new = {**(item if new is None else new), "id": merge[0][item["id"]]}
             replaced = replaced or new is not None
             out.append(item if new is None else new)
-        if self._merges:
-            ids = frozenset(
-                k for i in msg if isinstance(i, dict) and (k := _key(i.get("id"))) is not None
-            )
-            for n, merge in enumerate(self._merges):
-                if merge.ids == ids:
-                    del self._merges[n]
-                    return out + merge.answers
+        if merge is not None:
+            out += merge[1]
         if replaced and not out:
             return DROP
         return out if replaced else None
 
-    def _node_item(self, item: dict[str, Any]) -> Any:
-        if "id" in item:
-            req_id = _key(item["id"])
-            if req_id is None:
-                return None
-            sent = self._pending.pop(req_id, None)
-            if sent is None:
-                if req_id in self._timed_out:  # the relay already answered with a timeout
-                    del self._timed_out[req_id]
-                    return DROP
-            elif self._observe is not None:
-                self._observe(self._clock() - sent)
-            if not (self._pending_subs or self._pending_methods):
-                return None
-            if req_id in self._pending_subs:
-                self._pending_subs.discard(req_id)
-                sub = _key(item.get("result"))
-                if sub is not None and "error" not in item:
-                    self.subscriptions.add(sub)
-            elif req_id in self._pending_methods:
-                self._pending_methods.discard(req_id)
-                return self._filter_methods(item)
-            return None
-        params = item.get("params")
-        if isinstance(params, dict) and self.subscriptions:
-            result = params.get("result")
-            if _ends_subscription(item.get("method"), result):
-                sub = _key(params.get("subscription"))
-                if sub is not None:
-                    self.subscriptions.discard(sub)
+    def _merge_for(self, msg: list[Any]) -> tuple[dict[str, Any], list[Any]] | None:
+        """The pending merge this batch answer belongs to (by the relay's own ids)."""
+        for item in msg:
+            req_id = item.get("id") if isinstance(item, dict) else None
+            if isinstance(req_id, str) and req_id.startswith(_RELAY_ID_PREFIX):
+                number = req_id[len(_RELAY_ID_PREFIX) :].split(".", 1)[0]
+                if number.isdigit() and "." in req_id:
+                    return self._merges.pop(int(number), None)
         return None
 
-    # -- time -----------
+    def _node_item(self, item: dict[str, Any]) -> Any:
+        if "id" not in item:
+            self._notification(item)
+            return None
+        req_id = _key(item["id"])
+        if req_id is None:
+            return self._filter_methods(item)
+        entry = self._pending.pop(req_id, None)
+        if entry is None:
+            late = self._timed_out.pop(req_id, None)
+            if late is None:
+                return self._filter_methods(item)
+            self._answered(late[0], late[1], item)
+            orphan = _key(item.get("result"))
+            if late[0] == _SUB and orphan is not None and orphan in self.subscriptions:
+                self._orphaned(orphan)
+            return DROP  # the relay already answered this id with a timeout
+        sent, kind, data = entry
+        if self._observe is not None:
+            self._observe(self._clock() - sent)
+        self._answered(kind, data, item)
+        if kind == _OWN:
+            return DROP
+        return self._filter_methods(item)
+
+    def _answered(self, kind: int, data: Any, item: dict[str, Any]) -> None:
+        ok = "error" not in item
+        if kind == _SUB:
+            self._subs_in_flight -= 1
+            sub = _key(item.get("result"))
+            if ok and sub is not None:
+                self.subscriptions[sub] = data
+        elif kind in (_UNSUB, _OWN) and data is not None and item.get("result") is True:
+            self.subscriptions.pop(data, None)
+
+    def _orphaned(self, sub: int | str) -> None:
+        """A subscription the client never learned of: the relay ends it itself."""
+        own = f"{_RELAY_ID_PREFIX}{next(self._own_ids)}"
+        method = unsubscribe_method(self.subscriptions[sub])
+        self._pending[own] = (self._clock(), _OWN, sub)
+        self.outbox.append({"jsonrpc": "2.0", "id": own, "method": method, "params": [sub]})
+
+    def _notification(self, item: dict[str, Any]) -> None:
+        params = item.get("params")
+        if not self.subscriptions or not isinstance(params, dict):
+            return
+        if _ends_subscription(item.get("method"), params.get("result")):
+            sub = _key(params.get("subscription"))
+            if sub is not None:
+                self.subscriptions.pop(sub, None)
+
+    def _filter_methods(self, item: dict[str, Any]) -> dict[str, Any] | None:
+        result = item.get("result")
+        if type(result) is not dict or not isinstance(result.get("methods"), list):
+            return None
+        allowed = [m for m in result["methods"] if isinstance(m, str) and self.policy.allows(m)]
+        return {**item, "result": {**result, "methods": allowed}}
+
+    # -- time -----------------------------------------------------------------------------
 
     @property
     def in_flight(self) -> int:
-        """Requests sent to the node and not answered yet."""
+        """Requests of the client sent to the node and not answered yet."""
         return len(self._pending)
 
     def expire(self) -> list[dict[str, Any]]:
@@ -311,35 +398,46 @@ class RpcSession:
         if not pending:
             return []
         deadline = self._clock() - self.request_timeout
-        expired: list[dict[str, Any]] = []
-        for req_id, sent in pending.items():
+        expired: list[int | str] = []
+        for req_id, (sent, _, _) in pending.items():
             if sent > deadline:
                 break
-            expired.append(error_response(req_id, REQUEST_TIMEOUT))
-        for answer in expired:
-            req_id = answer["id"]
-            del pending[req_id]
-            self._pending_subs.discard(req_id)
-            self._pending_methods.discard(req_id)
-            self._timed_out[req_id] = None
+            expired.append(req_id)
+        answers = []
+        for req_id in expired:
+            _, kind, data = pending.pop(req_id)
+            self._timed_out[req_id] = (kind, data)
             if len(self._timed_out) > MAX_TIMED_OUT_IDS:
-                del self._timed_out[next(iter(self._timed_out))]
-        return expired
+                old_kind, _ = self._timed_out.pop(next(iter(self._timed_out)))
+                if old_kind == _SUB:  # forgotten for good: stop counting it
+                    self._subs_in_flight -= 1
+            if kind != _OWN:
+                answers.append(error_response(self._client_id(req_id), REQUEST_TIMEOUT))
+        return answers
 
-    def _filter_methods(self, item: dict[str, Any]) -> dict[str, Any] | None:
-        result = item.get("result")
-        if not isinstance(result, dict) or not isinstance(result.get("methods"), list):
-            return None
-        allowed = [m for m in result["methods"] if isinstance(m, str) and self.policy.allows(m)]
-        return {**item, "result": {**result, "methods": allowed}}
+    def _client_id(self, req_id: int | str) -> Any:
+        """The client's id for a request the relay gave an id of its own (in a batch)."""
+        if isinstance(req_id, str) and req_id.startswith(_RELAY_ID_PREFIX):
+            number = req_id[len(_RELAY_ID_PREFIX) :].split(".", 1)[0]
+            if number.isdigit():
+                merge = self._merges.get(int(number))
+                if merge is not None:
+                    return merge[0].get(req_id, req_id)
+        return req_id
+
+    def take_outbox(self) -> list[dict[str, Any]]:
+        out, self.outbox = self.outbox, []
+        return out
 
 
 def _ends_subscription(method: Any, result: Any) -> bool:
+    """Does this notification end its subscription at the node?"""
     if method == "author_extrinsicUpdate":
         if isinstance(result, str):
             return result in _TERMINAL_TX_STATES
         return isinstance(result, dict) and not _TERMINAL_TX_STATES.isdisjoint(result)
-    if method in ("transactionWatch_v1_watchEvent", "chainHead_v1_followEvent"):
-        event = result.get("event") if isinstance(result, dict) else None
-        return event in ("finalized", "error", "invalid", "dropped", "stop")
+    if method == "transactionWatch_v1_watchEvent":
+        return isinstance(result, dict) and result.get("event") in _TERMINAL_TX_EVENTS
+    if method == "chainHead_v1_followEvent":
+        return isinstance(result, dict) and result.get("event") == "stop"
     return False

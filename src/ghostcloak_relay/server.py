@@ -347,6 +347,7 @@ class RelayServer:
         expired = self.manager.cleanup(self.settings.session_max_age)
         for session in expired:
             owner = session.owner
+            session.owner = None  # the ended record must not keep its connection alive
             if isinstance(owner, ClientConnection):
                 for live in list(owner.sessions()):
                     if live.session_id == session.session_id:

@@ -22,7 +22,7 @@ from picows import WSCloseCode, WSMsgType, WSTransport
 
 from .limits import TokenBucket
 from .logs import ref, safe_exception
-from .protocol import EndReason, ErrorCode
+from .protocol import EndReason, ErrorCode, dumps_exact, loads_exact
 from .rpc import DROP, RpcSession
 from .sessions import Session
 from .upstream import connect
@@ -176,17 +176,20 @@ class UpstreamSession:
         rpc = self.rpc
         if rpc is not None or self.needs_json:
             try:
-                msg = orjson.loads(data)
+                msg = loads_exact(data)
             except orjson.JSONDecodeError:
                 log.info("session %s: node sent a message that is not JSON", ref(self.session_id))
                 self.end(EndReason.UPSTREAM_ERROR)
                 return
             if rpc is not None:
                 out = rpc.node_message(msg)
+                if rpc.outbox and self.upstream is not None:  # the relay's own requests
+                    for request in rpc.take_outbox():
+                        self.upstream.send(_TEXT, dumps_exact(request))
                 if out is DROP:
                     return
                 if out is not None:
-                    data, binary = orjson.dumps(out), False
+                    data, binary = dumps_exact(out), False
         self.deliver(data, binary)
 
     def on_upstream_closed(self, clean: bool) -> None:
@@ -216,9 +219,9 @@ class UpstreamSession:
             if decision.forward is None:
                 return None
             if decision.changed or raw is None:
-                raw, opcode = orjson.dumps(decision.forward), _TEXT
+                raw, opcode = dumps_exact(decision.forward), _TEXT
         elif raw is None:
-            raw = orjson.dumps(msg)
+            raw = dumps_exact(msg)
         return self.to_node(opcode, raw)
 
     def to_node(self, opcode: WSMsgType, data: bytes | str) -> ErrorCode | None:
@@ -236,7 +239,7 @@ class UpstreamSession:
 
     def reply(self, answer: Any) -> None:
         """The relay's own JSON-RPC answer, in order with the node's."""
-        data = orjson.dumps(answer)
+        data = dumps_exact(answer)
         if self.state is State.CONNECTING:
             self._enqueue(False, _TEXT, data)
         elif self.state is State.OPEN:
@@ -291,13 +294,15 @@ class UpstreamSession:
         task = self.connect_task
         if task is not None and not task.done():
             task.cancel()
-        if self.node_stuck_since is not None:
+        stuck = self.node_stuck_since is not None
+        if stuck:
             self.node_stuck_since = None
             self.conn.node_not_reading(False)
         upstream, self.upstream = self.upstream, None
         if upstream is not None and not upstream.is_disconnected:
             upstream.send_close(self.upstream_close_code(reason))
-            upstream.disconnect()
+            # a node that is not reading would hold a graceful close (and its buffer) open
+            upstream.disconnect(graceful=not stuck and reason is not EndReason.UPSTREAM_ERROR)
         server = self.conn.server
         server.manager.end(self.session_id, reason)
         server.stats.sessions_ended[reason.value] += 1

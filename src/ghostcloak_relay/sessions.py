@@ -33,7 +33,8 @@ class Session:
 
     def __init__(self, session_id: str, owner: object, started_at: float) -> None:
         self.session_id = session_id
-        self.owner = owner  # identity of the connection that started it; compared with `is`
+        # identity of the connection that started it (compared with `is`); None once ended
+        self.owner: object | None = owner
         self.started_at = started_at
         self.ended_at: float | None = None
         self.end_reason: EndReason | None = None
@@ -84,6 +85,7 @@ class SessionManager:
             return None
         session.ended_at = self._clock()
         session.end_reason = reason
+        session.owner = None  # an ended record must not keep its connection alive
         self._active -= 1
         self._changed()
         return session
