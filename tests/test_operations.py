@@ -647,7 +647,7 @@ async def test_metrics_count_a_known_workload_without_client_data_in_labels(
     assert m.get("ghostcloak_relay_messages_total", direction="to_client") == answered
     assert m.get("ghostcloak_relay_bytes_total", direction="to_node") == sum(map(len, sent))
     assert m.get("ghostcloak_relay_bytes_total", direction="to_client") == sum(map(len, received))
-    assert m.count("ghostcloak_relay_refused_total", reason="policy") == 1
+    assert m.count("ghostcloak_relay_refused_total", reason="method_not_allowed") == 1
     assert m.get("ghostcloak_relay_upstream_connects_total", node="0") == 3
     assert m.get("ghostcloak_relay_upstream_failures_total", node="0") == 0
     assert m.get("ghostcloak_relay_node_healthy", node="0") == 1

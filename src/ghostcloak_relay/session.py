@@ -23,7 +23,14 @@ from picows import WSCloseCode, WSMsgType, WSTransport
 from .limits import TokenBucket
 from .logs import ref, safe_exception
 from .protocol import EndReason, ErrorCode, dumps_exact, loads_exact
-from .rpc import DROP, RpcSession
+from .rpc import (
+    BATCH_TOO_LARGE,
+    DROP,
+    METHOD_NOT_ALLOWED,
+    RATE_LIMITED,
+    TOO_MANY_SUBSCRIPTIONS,
+    RpcSession,
+)
 from .sessions import Session
 from .upstream import connect
 
@@ -40,6 +47,15 @@ _BINARY = WSMsgType.BINARY
 #: Pause before each further node tried for one session start (seconds; the last value
 #: repeats). Every configured node is tried once before ``upstream_unavailable``.
 CONNECT_BACKOFF = (0.0, 0.05, 0.2, 0.5)
+
+
+#: ``refused_total{reason}`` for each JSON-RPC error the relay answers itself.
+REFUSAL_REASONS = {
+    METHOD_NOT_ALLOWED: "method_not_allowed",
+    RATE_LIMITED: "rate_limited",
+    BATCH_TOO_LARGE: "batch_too_large",
+    TOO_MANY_SUBSCRIPTIONS: "too_many_subscriptions",
+}
 
 
 class State(Enum):
@@ -214,7 +230,11 @@ class UpstreamSession:
         if rpc is not None:
             decision = rpc.client_message(msg)
             if decision.answer is not None:
-                self.conn.server.stats.refused["policy"] += 1
+                refused = self.conn.server.stats.refused
+                for answer in (
+                    decision.answer if isinstance(decision.answer, list) else (decision.answer,)
+                ):
+                    refused[REFUSAL_REASONS.get(answer["error"]["code"], "invalid")] += 1
                 self.reply(decision.answer)
             if decision.forward is None:
                 return None
