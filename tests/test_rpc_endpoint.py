@@ -283,3 +283,22 @@ async def test_expiry_and_shutdown_close_with_1001(
     shutdown = asyncio.create_task(relay.shutdown())
     assert await closed(ws2) == (1001, "shutdown")
     await asyncio.wait_for(shutdown, TIMEOUT)
+
+
+async def test_full_queue_closes_1013_queue_full_and_the_node_gets_1000(
+    relay_factory: RelayFactory, upstream: ScriptedUpstream
+) -> None:
+    slow = await DelayProxy(int(upstream.url.rsplit(":", 1)[1]), delay=0.5).start()
+    try:
+        relay = await relay_factory(node=(slow.url,), max_queued_messages=2)
+        ws = await open_rpc(relay)
+        for i in range(3):
+            await ws.send(
+                orjson.dumps({"jsonrpc": "2.0", "id": i, "method": "system_chain"}).decode()
+            )
+        assert await closed(ws) == (1013, "queue_full")
+        await eventually(lambda: relay.manager.active_count() == 0)
+        await eventually(lambda: all(c.ws.close_code is not None for c in upstream.conns))
+        assert all(c.ws.close_code in (1000, 1006) for c in upstream.conns)
+    finally:
+        await slow.close()

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
@@ -39,6 +39,7 @@ __all__ = [
     "RelayConnectionError",
     "RelayError",
     "RelayProtocolError",
+    "RequestTimeoutError",
     "RpcError",
     "SessionEndedError",
     "Subscription",
@@ -65,6 +66,10 @@ class RelayProtocolError(RelayError):
 
 class UpstreamUnavailableError(RelayProtocolError):
     """The relay could not reach a node for a new session (``upstream_unavailable``)."""
+
+
+class RequestTimeoutError(RelayError, TimeoutError):
+    """No answer came within the request's timeout."""
 
 
 class SessionEndedError(RelayError):
@@ -100,10 +105,14 @@ class Subscription:
 
     async def start(self) -> Subscription:
         if self.id is None:
-            sub_id = await self._session.request(self._method, self._params)
-            self.id = sub_id
-            self._session._subscriptions[_key(sub_id)] = self
+            # registered from the answer's callback, before any later message is read, so
+            # a notification in the same read as the answer is not lost
+            await self._session.request(self._method, self._params, on_result=self._register)
         return self
+
+    def _register(self, sub_id: Any) -> None:
+        self.id = sub_id
+        self._session._subscriptions[_key(sub_id)] = self
 
     async def __aenter__(self) -> Subscription:
         return await self.start()
@@ -149,15 +158,26 @@ class ClientSession:
         self.ended: str | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._hooks: dict[int, Callable[[Any], None]] = {}
         self._subscriptions: dict[str, Subscription] = {}
 
-    async def request(self, method: str, params: Any = None, *, timeout: float = 30) -> Any:
-        """Send one request and return its ``result``; raise :class:`RpcError` on error."""
+    async def request(
+        self,
+        method: str,
+        params: Any = None,
+        *,
+        timeout: float = 30,
+        on_result: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Send one request and return its ``result``; raise :class:`RpcError` on error,
+        :class:`RequestTimeoutError` after ``timeout`` seconds."""
         if self.ended is not None:
             raise SessionEndedError(self.ended)
         req_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = fut
+        if on_result is not None:
+            self._hooks[req_id] = on_result
         payload = {
             "jsonrpc": "2.0",
             "id": req_id,
@@ -168,8 +188,11 @@ class ClientSession:
             self._client._send({"type": "proxy", "sessionId": self.session_id, "payload": payload})
             async with asyncio.timeout(timeout):
                 return await fut
+        except TimeoutError:
+            raise RequestTimeoutError(f"no answer to {method} within {timeout} s") from None
         finally:
             self._pending.pop(req_id, None)
+            self._hooks.pop(req_id, None)
 
     def subscribe(
         self, method: str, params: Any = None, *, unsubscribe: str | None = None
@@ -212,6 +235,8 @@ class ClientSession:
                         RpcError(err.get("code", 0), str(err.get("message", "")), err.get("data"))
                     )
                 else:
+                    if (hook := self._hooks.pop(req_id, None)) is not None:
+                        hook(item.get("result"))
                     fut.set_result(item.get("result"))
                 continue
             params = item.get("params")
@@ -219,6 +244,14 @@ class ClientSession:
                 sub = self._subscriptions.get(_key(params["subscription"]))
                 if sub is not None:
                     sub._push(params.get("result"))
+
+    def _fail(self, err: RelayProtocolError) -> None:
+        """The relay refused something of this session: fail what is waiting."""
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+        if err.code == "unknown_session":  # the relay no longer knows it
+            self._finish("unknown_session")
 
     def _finish(self, reason: str) -> None:
         if self.ended is not None:
@@ -312,6 +345,8 @@ class RelayClient:
         return _SessionStarter(self, session_id)
 
     async def start_session(self, session_id: str | None = None) -> ClientSession:
+        if session_id is not None and not protocol.is_valid_session_id(session_id):
+            raise ValueError("session_id must be 8-128 characters of A-Z a-z 0-9 _ - . :")
         sid = session_id if session_id is not None else protocol.new_session_id()
         waiter = self._expect(("started", sid))
         self._send({"type": "session_start", "sessionId": sid})
@@ -368,7 +403,11 @@ class RelayClient:
             code, text = str(msg.get("code")), str(msg.get("message"))
             cls = UpstreamUnavailableError if code == "upstream_unavailable" else RelayProtocolError
             err = cls(code, text)
-            if sid is None or not self._resolve(("started", str(sid)), err):
+            if sid is not None and self._resolve(("started", str(sid)), err):
+                return
+            if (session := self._sessions.get(sid)) is not None:  # type: ignore[arg-type]
+                session._fail(err)
+            else:
                 self.errors.append(err)
 
     def _on_disconnected(self) -> None:

@@ -224,7 +224,8 @@ OPTIONS: tuple[Option, ...] = (
         "safe",
         load_policy,
         "safe, off, or the path of a readable allowlist file",
-        "which JSON-RPC methods may reach the node (unsafe methods are always refused)",
+        "which JSON-RPC methods may reach the node (unsafe ones always refused); off "
+        "parses nothing, so rate limits, request timeouts and batch/subscription caps are off too",
     ),
     Option(
         "max_subscriptions_per_session",

@@ -117,7 +117,8 @@ class RpcConnection(ClientConnection):
                 return
             error = session.from_client(msg, data, opcode)
         if error is not None:  # the queue before the node's connection opened is full
-            self.close(WSCloseCode.TRY_AGAIN_LATER, EndReason.CLIENT)
+            self.close_transport(WSCloseCode.TRY_AGAIN_LATER, b"queue_full")
+            session.end(EndReason.CLIENT)
 
     def on_close_frame(self, code: WSCloseCode) -> None:
         if self.session is not None:
@@ -125,12 +126,11 @@ class RpcConnection(ClientConnection):
         self.close(code, EndReason.CLIENT)
 
     def close(self, code: WSCloseCode, reason: EndReason) -> None:
-        session = self.session
-        if session is not None and reason is EndReason.CLIENT and session.client_code is None:
-            session.client_code = code
-        if session is not None:
-            session.end(reason)
+        """Close the client with ``code``, then end the session (the node gets 1000 unless
+        the client itself sent a CLOSE, whose code it then gets: see on_close_frame)."""
         self.close_transport(
             code if reason is EndReason.CLIENT else CLOSE_CODES[reason],
             b"" if reason is EndReason.CLIENT else reason.value.encode(),
         )
+        if self.session is not None:
+            self.session.end(reason)

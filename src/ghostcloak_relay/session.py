@@ -226,6 +226,10 @@ class UpstreamSession:
     ) -> ErrorCode | None:
         """A parsed client message (``raw``: its original text, forwarded when unchanged)."""
         self.last_active = self.conn.server.now
+        queue = self._queue
+        if queue is not None and len(queue) >= self.conn.server.settings.max_queued_messages:
+            self.conn.server.stats.refused["queue_full"] += 1
+            return ErrorCode.QUEUE_FULL  # refused before any bookkeeping: as if never sent
         rpc = self.rpc
         if rpc is not None:
             decision = rpc.client_message(msg)
