@@ -140,6 +140,7 @@ def new_session_id() -> str:
 
 #: A JSON number of 19 or more digits: possibly beyond 64 bits, where orjson gives a float.
 _BIG_INT: Final = re.compile(rb"[:\[,]\s*-?\d{19}")
+_BIG_INT_TEXT: Final = re.compile(r"[:\[,]\s*-?\d{19}")
 
 
 def loads_exact(data: bytes | str) -> Any:
@@ -150,9 +151,9 @@ def loads_exact(data: bytes | str) -> Any:
     library parser (exact integers) is used instead. Raises ``orjson.JSONDecodeError``.
     """
     obj = orjson.loads(data)
-    raw = data.encode() if isinstance(data, str) else data
-    if _BIG_INT.search(raw) is not None:
-        obj = json.loads(raw)
+    big = _BIG_INT_TEXT.search(data) if isinstance(data, str) else _BIG_INT.search(data)
+    if big is not None:
+        obj = json.loads(data)
     return obj
 
 
