@@ -47,6 +47,10 @@ __all__ = [
 ]
 
 
+#: Notifications held per session for subscriptions whose answer has not come yet.
+MAX_EARLY_NOTIFICATIONS = 256
+
+
 class RelayError(Exception):
     """Base of every error this client raises."""
 
@@ -112,7 +116,10 @@ class Subscription:
 
     def _register(self, sub_id: Any) -> None:
         self.id = sub_id
-        self._session._subscriptions[_key(sub_id)] = self
+        key = _key(sub_id)
+        self._session._subscriptions[key] = self
+        for early in self._session._early.pop(key, ()):  # sent before the answer (allowed)
+            self._push(early)
 
     async def __aenter__(self) -> Subscription:
         return await self.start()
@@ -160,6 +167,9 @@ class ClientSession:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._hooks: dict[int, Callable[[Any], None]] = {}
         self._subscriptions: dict[str, Subscription] = {}
+        # notifications that came before their subscribe answer (nodes may do that), held
+        # until the answer registers the subscription; bounded, oldest dropped first
+        self._early: dict[str, list[Any]] = {}
 
     async def request(
         self,
@@ -241,9 +251,14 @@ class ClientSession:
                 continue
             params = item.get("params")
             if "method" in item and isinstance(params, dict) and "subscription" in params:
-                sub = self._subscriptions.get(_key(params["subscription"]))
+                key = _key(params["subscription"])
+                sub = self._subscriptions.get(key)
                 if sub is not None:
                     sub._push(params.get("result"))
+                elif self._hooks:  # a subscribe call is in flight: this may be its first
+                    self._early.setdefault(key, []).append(params.get("result"))
+                    while sum(map(len, self._early.values())) > MAX_EARLY_NOTIFICATIONS:
+                        del self._early[next(iter(self._early))]
 
     def _fail(self, err: RelayProtocolError) -> None:
         """The relay refused something of this session: fail what is waiting."""
