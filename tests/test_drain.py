@@ -178,3 +178,32 @@ async def test_faults_leave_no_sessions_fds_or_tasks_behind(
     )
     await eventually(lambda: len(asyncio.all_tasks()) <= tasks, what=f"tasks back to {tasks}")
     await eventually(lambda: _fds() <= fds + 2, what=f"fds back to {fds}")
+
+
+async def test_second_signal_exits_at_once(
+    relay_process: Callable[..., Any],
+    upstream: ScriptedUpstream,
+    client_factory: ClientFactory,
+) -> None:
+    upstream.silent = True  # an answer that never comes keeps the drain waiting
+    proc = relay_process({"MIDNIGHT_NODE": upstream.url, "RELAY_SHUTDOWN_TIMEOUT": "60"})
+    await proc.wait_listening()
+    c = await client_factory(f"ws://127.0.0.1:{proc.port}/relay")
+    await c.start("second-signal-1")
+    await c.send(
+        {
+            "type": "proxy",
+            "sessionId": "second-signal-1",
+            "payload": {"jsonrpc": "2.0", "id": 1, "method": "state_call"},
+        }
+    )
+    await eventually(
+        lambda: any("state_call" in m for conn in upstream.conns for m in conn.received),
+        what="request in flight",
+    )
+    proc.proc.send_signal(signal.SIGTERM)
+    await eventually(lambda: "draining" in proc.output, what="draining")
+    assert proc.proc.poll() is None  # still draining, as it should with 60 s to go
+    proc.proc.send_signal(signal.SIGINT)
+    assert await proc.wait_exit(5) == 1
+    assert "second signal" in proc.output
