@@ -1,0 +1,94 @@
+"""Sampling the relay with py-spy during a load phase, and summarizing where time goes.
+
+``py-spy record --format raw`` writes collapsed stacks (``frame;frame;... count``). The
+summary ranks functions by *self* samples (the leaf frame: where the CPU was) and by
+*inclusive* samples (anywhere on the stack), with line numbers dropped so one function
+is one row. Idle samples (the event loop waiting in ``epoll``) are excluded by py-spy.
+The phase that is profiled is an extra one, never part of the medians: py-spy pauses the
+process briefly for each sample.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+__all__ = ["record", "summarize"]
+
+_LINE = re.compile(r":\d+\)$")
+_TOP = "ghostcloak_relay/cli.py"  # start-up frames, on every stack
+#: libc entry points of the kernel's socket and polling calls.
+SOCKET_CALLS = frozenset(
+    {"send", "sendto", "sendmsg", "write", "writev", "recv", "recvfrom", "read", "epoll_pwait"}
+)
+
+
+def record(pyspy: str, pid: int, seconds: float, out: Path, rate: int = 250) -> str | None:
+    """Sample ``pid`` for ``seconds`` into ``out``; return None, or why it failed."""
+    base = [pyspy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds)))]
+    base += ["--rate", str(rate), "--format", "raw", "--output", str(out)]
+    why = "py-spy failed"
+    for extra in (["--native"], []):  # native frames show time inside picows/uvloop
+        try:
+            done = subprocess.run(
+                base + extra, capture_output=True, timeout=seconds + 60, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            why = f"py-spy: {type(exc).__name__}"
+            continue
+        if done.returncode == 0 and out.exists() and out.stat().st_size > 0:
+            return None
+        why = "py-spy: " + done.stderr.decode(errors="replace").strip()[-300:]
+    return why
+
+
+def _name(frame: str) -> str:
+    return _LINE.sub(")", frame.strip())
+
+
+def _is_python(frame: str) -> bool:
+    return ".py)" in frame or ".py:" in frame
+
+
+def summarize(path: Path, top: int = 15) -> dict[str, Any]:
+    """Rank functions three ways: own samples (innermost frame, native included), by
+    innermost *Python* function (its C calls, such as a socket send, included), and
+    inclusive samples of the relay's own code (``ghostcloak_relay``)."""
+    own: Counter[str] = Counter()
+    python: Counter[str] = Counter()
+    relay_incl: Counter[str] = Counter()
+    syscalls = 0
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_name(f) for f in stack.split(";") if f]
+        if not frames:
+            continue
+        total += count
+        own[frames[-1]] += count
+        if frames[-1].split(" ", 1)[0] in SOCKET_CALLS:
+            syscalls += count
+        inner = next((f for f in reversed(frames) if _is_python(f)), frames[-1])
+        python[inner] += count
+        for name in {f for f in frames if "ghostcloak_relay/" in f and _TOP not in f}:
+            relay_incl[name] += count
+
+    def rows(counter: Counter[str]) -> list[dict[str, Any]]:
+        return [
+            {"function": name, "samples": n, "share": n / total if total else 0.0}
+            for name, n in counter.most_common(top)
+        ]
+
+    return {
+        "samples": total,
+        "socket_call_share": syscalls / total if total else 0.0,
+        "self": rows(own),
+        "python": rows(python),
+        "relay_inclusive": rows(relay_incl),
+    }
