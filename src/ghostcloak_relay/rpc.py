@@ -93,13 +93,31 @@ _PLAIN, _SUB, _UNSUB, _OWN = 0, 1, 2, 3
 
 
 def is_subscribe(method: str) -> bool:
-    return method in _SUBSCRIBE_PAIRS or (
-        "subscribe" in method and "unsubscribe" not in method.lower()
-    )
+    return _kind_of(method) == _SUB
 
 
 def is_unsubscribe(method: str) -> bool:
-    return method in _UNSUBSCRIBE or "unsubscribe" in method.lower()
+    return _kind_of(method) == _UNSUB
+
+
+_KINDS: dict[str, int] = {}
+_MAX_KINDS: Final = 4096  # method names come from clients: bound the memo
+
+
+def _kind_of(method: str) -> int:
+    """Subscribe, unsubscribe or plain: memoized, as the same few methods recur."""
+    kind = _KINDS.get(method)
+    if kind is None:
+        lower = method.lower()
+        if method in _UNSUBSCRIBE or "unsubscribe" in lower:
+            kind = _UNSUB
+        elif method in _SUBSCRIBE_PAIRS or "subscribe" in method:
+            kind = _SUB
+        else:
+            kind = _PLAIN
+        if len(_KINDS) < _MAX_KINDS:
+            _KINDS[method] = kind
+    return kind
 
 
 def unsubscribe_method(method: str) -> str:
@@ -257,7 +275,8 @@ class RpcSession:
             for bucket in self._buckets:
                 if not bucket.take(cost):
                     return error_response(req["id"], RATE_LIMITED) if has_id else False
-        if is_subscribe(method):
+        kind = _kind_of(method)
+        if kind == _SUB:
             req_id = _key(req.get("id"))
             if not has_id:  # the node does not run notifications
                 return False
@@ -273,7 +292,7 @@ class RpcSession:
                 )
             self._subs_in_flight += 1
             return (_SUB, method)
-        if is_unsubscribe(method):
+        if kind == _UNSUB:
             params = req.get("params")
             if isinstance(params, list) and params:
                 return (_UNSUB, _key(params[0]))

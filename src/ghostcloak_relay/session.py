@@ -192,7 +192,8 @@ class UpstreamSession:
         rpc = self.rpc
         if rpc is not None or self.needs_json:
             try:
-                msg = loads_exact(data)
+                # a batch answer may be re-encoded (merged refusals): keep its integers exact
+                msg = loads_exact(data) if data[:1] == b"[" else orjson.loads(data)
             except orjson.JSONDecodeError:
                 log.info("session %s: node sent a message that is not JSON", ref(self.session_id))
                 self.end(EndReason.UPSTREAM_ERROR)
