@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import orjson
-from picows import WSCloseCode
+from picows import WSCloseCode, WSMsgType
 
 from . import protocol
 from .connection import ClientConnection
@@ -29,6 +29,7 @@ __all__ = ["RelayConnection", "RelaySession"]
 
 log = logging.getLogger("ghostcloak_relay.relay")
 
+_TEXT = WSMsgType.TEXT
 _PROXY_HEAD = '{"type":"proxy","sessionId":"'
 _SID_START = len(_PROXY_HEAD)
 _PAYLOAD_SEP = '","payload":'
@@ -46,7 +47,9 @@ class RelaySession(UpstreamSession):
 
     def deliver(self, data: bytes, binary: bool) -> None:
         # data is exactly one JSON value (checked in on_upstream_message or made by us)
-        self.relay_conn.send(self._prefix + data + b"}")
+        conn = self.relay_conn
+        if not conn.closing and conn.transport is not None:
+            conn.transport.send(_TEXT, self._prefix + data + b"}")
 
     def opened(self) -> None:
         self.relay_conn.send(protocol.encode_session_started(self.session_id))

@@ -75,6 +75,8 @@ class UpstreamSession:
         self.session_id = core.session_id
         server = conn.server
         settings = server.settings
+        self._server = server  # kept here: the hot path reads them on every message
+        self._stats = server.stats
         self.state = State.CONNECTING
         self.upstream: WSTransport | None = None
         self.connect_task: asyncio.Task[None] | None = None
@@ -184,9 +186,8 @@ class UpstreamSession:
     def on_upstream_message(self, data: bytes, binary: bool) -> None:
         if self.state is not State.OPEN:
             return
-        server = self.conn.server
-        self.last_active = server.now
-        stats = server.stats
+        self.last_active = self._server.now
+        stats = self._stats
         stats.msgs_to_client += 1
         stats.bytes_to_client += len(data)
         rpc = self.rpc
@@ -226,14 +227,19 @@ class UpstreamSession:
         self, msg: Any, raw: bytes | str | None, opcode: WSMsgType = _TEXT
     ) -> ErrorCode | None:
         """A parsed client message (``raw``: its original text, forwarded when unchanged)."""
-        self.last_active = self.conn.server.now
+        server = self._server
+        self.last_active = server.now
         queue = self._queue
-        if queue is not None and len(queue) >= self.conn.server.settings.max_queued_messages:
-            self.conn.server.stats.refused["queue_full"] += 1
+        if queue is not None and len(queue) >= server.settings.max_queued_messages:
+            server.stats.refused["queue_full"] += 1
             return ErrorCode.QUEUE_FULL  # refused before any bookkeeping: as if never sent
         rpc = self.rpc
         if rpc is not None:
-            decision = rpc.client_message(msg)
+            decision = rpc.client_request(msg)
+            if decision is None:  # allowed, unchanged: the common case
+                if raw is None:
+                    raw = dumps_exact(msg)
+                return self.to_node(opcode, raw)
             if decision.answer is not None:
                 refused = self.conn.server.stats.refused
                 for answer in (
@@ -250,7 +256,7 @@ class UpstreamSession:
         return self.to_node(opcode, raw)
 
     def to_node(self, opcode: WSMsgType, data: bytes | str) -> ErrorCode | None:
-        stats = self.conn.server.stats
+        stats = self._stats
         stats.msgs_to_node += 1
         # str from /rpc: its length is its UTF-8 size when ASCII (an O(1) check)
         stats.bytes_to_node += (
