@@ -57,6 +57,13 @@ class TokenBucket:
         self._tokens = self.burst
         self._stamp = clock()
 
+    def would_take(self, cost: float = 1.0) -> bool:
+        """Whether :meth:`take` would succeed now (nothing is spent)."""
+        if self.rate <= 0:
+            return True
+        tokens = self._tokens + (self._clock() - self._stamp) * self.rate
+        return min(self.burst, tokens) >= cost
+
     def take(self, cost: float = 1.0) -> bool:
         """Spend ``cost`` tokens if there are enough; False (nothing spent) otherwise."""
         if self.rate <= 0:

@@ -40,8 +40,10 @@ __all__ = [
     "encode_error",
     "encode_session_ended",
     "encode_session_started",
+    "exact_id",
     "is_valid_session_id",
     "loads_exact",
+    "loads_request",
     "new_session_id",
     "proxy_prefix",
 ]
@@ -155,6 +157,29 @@ def loads_exact(data: bytes | str) -> Any:
     if big is not None:
         obj = json.loads(data)
     return obj
+
+
+def loads_request(data: bytes | str) -> Any:
+    """Parse a client's JSON-RPC message for the hot path.
+
+    A single request is forwarded as its original text, so only its id can suffer from
+    orjson's float for integers beyond 64 bits, and only when the relay answers it itself
+    (:func:`exact_id`); a batch may be re-encoded, so it is parsed exactly.
+    """
+    if data[:1] in ("[", b"["):
+        return loads_exact(data)
+    return orjson.loads(data)
+
+
+def exact_id(raw: bytes | str, parsed_id: Any) -> Any:
+    """The request id as the client wrote it (``parsed_id`` may be a rounded float)."""
+    if isinstance(parsed_id, float) and (
+        _BIG_INT_TEXT.search(raw) if isinstance(raw, str) else _BIG_INT.search(raw)
+    ):
+        exact = json.loads(raw)
+        if isinstance(exact, dict):
+            return exact.get("id")
+    return parsed_id
 
 
 def dumps_exact(obj: Any) -> bytes:

@@ -91,7 +91,7 @@ class RelayConnection(ClientConnection):
                 if session is not None:
                     raw = text[end + len(_PAYLOAD_SEP) : -1]
                     try:
-                        payload = protocol.loads_exact(raw)
+                        payload = protocol.loads_request(raw)
                     except orjson.JSONDecodeError:
                         payload = None
                     if payload and isinstance(payload, dict | list):

@@ -212,6 +212,49 @@ class RpcSession:
         decision = self.client_request(msg)
         return ClientDecision(forward=msg) if decision is None else decision
 
+    def forward_plain(self, msg: Any) -> bool:
+        """Hot path: the common request (an object with a string or integer id, an allowed
+        method that neither subscribes nor unsubscribes, within the rate limits) is tracked
+        and True returned: forward it unchanged. False: nothing was done or spent; use
+        :meth:`client_request`. The checks are those of :meth:`_check`, in the same order."""
+        if type(msg) is not dict:
+            return False
+        method = msg.get("method")
+        req_id = msg.get("id")
+        if (
+            type(method) is not str
+            or (type(req_id) is not int and type(req_id) is not str)
+            or _KINDS.get(method) != _PLAIN
+            or not self.policy.allows(method)
+        ):
+            return False
+        if self._buckets:
+            cost = weight(method)
+            buckets = self._buckets
+            if not all(b.would_take(cost) for b in buckets):
+                return False  # the slow path refuses it, with the proper answer
+            for bucket in buckets:
+                bucket.take(cost)
+        self._pending[req_id] = (self._clock(), _PLAIN, None)
+        return True
+
+    def answered_plain(self, msg: Any) -> bool:
+        """Hot path: the node's answer to a tracked plain request, not a methods list:
+        bookkeeping done, True returned: pass it to the client as is. False: nothing was
+        done; use :meth:`node_message`."""
+        if type(msg) is not dict:
+            return False
+        req_id = msg.get("id")
+        if type(req_id) is not int and type(req_id) is not str:
+            return False
+        entry = self._pending.get(req_id)
+        if entry is None or entry[1] != _PLAIN or type(msg.get("result")) is dict:
+            return False
+        del self._pending[req_id]
+        if self._observe is not None:
+            self._observe(self._clock() - entry[0])
+        return True
+
     def client_request(self, msg: Any) -> ClientDecision | None:
         """As :meth:`client_message`, but None for the common case "forward it as is"
         (saves an allocation per request on the hot path)."""

@@ -111,7 +111,7 @@ class RpcConnection(ClientConnection):
             error = session.to_node(opcode, data)
         else:
             try:
-                msg = protocol.loads_exact(data)
+                msg = protocol.loads_request(data)
             except orjson.JSONDecodeError:
                 session.reply(error_response(None, PARSE_ERROR))
                 return

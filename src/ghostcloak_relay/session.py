@@ -22,7 +22,7 @@ from picows import WSCloseCode, WSMsgType, WSTransport
 
 from .limits import TokenBucket
 from .logs import ref, safe_exception
-from .protocol import EndReason, ErrorCode, dumps_exact, loads_exact
+from .protocol import EndReason, ErrorCode, dumps_exact, exact_id, loads_exact
 from .rpc import (
     BATCH_TOO_LARGE,
     DROP,
@@ -200,6 +200,9 @@ class UpstreamSession:
                 self.end(EndReason.UPSTREAM_ERROR)
                 return
             if rpc is not None:
+                if rpc.answered_plain(msg):  # the hot path: an answer, passed as is
+                    self.deliver(data, binary)
+                    return
                 out = rpc.node_message(msg)
                 if rpc.outbox and self.upstream is not None:  # the relay's own requests
                     for request in rpc.take_outbox():
@@ -235,12 +238,25 @@ class UpstreamSession:
             return ErrorCode.QUEUE_FULL  # refused before any bookkeeping: as if never sent
         rpc = self.rpc
         if rpc is not None:
+            if raw is not None and queue is None and rpc.forward_plain(msg):  # the hot path
+                stats = self._stats
+                stats.msgs_to_node += 1
+                stats.bytes_to_node += (
+                    len(raw) if isinstance(raw, bytes) or raw.isascii() else len(raw.encode())
+                )
+                upstream = self.upstream
+                if upstream is not None:
+                    upstream.send(opcode, raw)
+                return None
             decision = rpc.client_request(msg)
             if decision is None:  # allowed, unchanged: the common case
                 if raw is None:
                     raw = dumps_exact(msg)
                 return self.to_node(opcode, raw)
             if decision.answer is not None:
+                if raw is not None and type(msg) is dict and type(decision.answer) is dict:
+                    # a single request parsed without loads_exact: answer with its exact id
+                    decision.answer["id"] = exact_id(raw, decision.answer["id"])
                 refused = self.conn.server.stats.refused
                 for answer in (
                     decision.answer if isinstance(decision.answer, list) else (decision.answer,)
