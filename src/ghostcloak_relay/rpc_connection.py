@@ -54,7 +54,9 @@ class PlainSession(UpstreamSession):
         self.client_code: WSCloseCode | None = None  # the client's own close code
 
     def deliver(self, data: bytes, binary: bool) -> None:
-        self.rpc_conn.send(data, WSMsgType.BINARY if binary else WSMsgType.TEXT)
+        conn = self.rpc_conn
+        if not conn.closing and conn.transport is not None:
+            conn.transport.send(WSMsgType.BINARY if binary else WSMsgType.TEXT, data)
 
     def ended(self, reason: EndReason, notify: bool) -> None:
         if reason is EndReason.CLIENT:
@@ -98,6 +100,15 @@ class RpcConnection(ClientConnection):
         self.session.begin()
 
     def on_text(self, text: str) -> None:
+        session = self.session
+        if session is not None and session.rpc is not None and session.upstream is not None:
+            try:  # the hot path: a request for an open session (see session.from_client)
+                msg = protocol.loads_request(text)
+            except orjson.JSONDecodeError:
+                session.reply(error_response(None, PARSE_ERROR))
+                return
+            session.from_client(msg, text)
+            return
         self._from_client(text, WSMsgType.TEXT)
 
     def on_binary(self, data: bytes) -> None:
