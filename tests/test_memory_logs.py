@@ -281,6 +281,8 @@ def test_logged_exception_shows_type_and_location_but_not_message(
 
 
 def test_silent_logger_drops_everything():
-    assert logs.SILENT.disabled
-    assert not logs.SILENT.propagate
+    assert logs.SILENT.logger.disabled
+    assert not logs.SILENT.logger.propagate
     assert not logs.SILENT.isEnabledFor(logging.CRITICAL)
+    # an adapter, so that picows does not make a child Logger per connection
+    assert not isinstance(logs.SILENT, logging.Logger)

@@ -25,9 +25,12 @@ __all__ = ["SILENT", "configure_logging", "ref", "safe_exception"]
 _KEY = secrets.token_bytes(32)
 
 #: A logger that drops everything, for libraries that would log peer addresses.
-SILENT = logging.Logger("ghostcloak_relay.silenced", logging.CRITICAL + 10)
-SILENT.propagate = False
-SILENT.disabled = True
+_SILENCED = logging.Logger("ghostcloak_relay.silenced", logging.CRITICAL + 10)
+_SILENCED.propagate = False
+_SILENCED.disabled = True
+#: An adapter rather than the Logger itself: given a Logger, picows makes a child Logger
+#: for every connection (about a kilobyte each); given an adapter it uses it as it is.
+SILENT: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(_SILENCED, {})
 
 
 def ref(value: str) -> str:

@@ -39,6 +39,7 @@ class RelaySession(UpstreamSession):
     """An envelope session: node messages go out as ``proxy`` envelopes."""
 
     needs_json = True
+    __slots__ = ("_prefix", "relay_conn")
 
     def __init__(self, conn: RelayConnection, core: Session) -> None:
         super().__init__(conn, core)

@@ -48,6 +48,8 @@ CLOSE_CODES: dict[EndReason, WSCloseCode] = {
 class PlainSession(UpstreamSession):
     """The one session of an ``/rpc`` connection."""
 
+    __slots__ = ("client_code", "rpc_conn")
+
     def __init__(self, conn: RpcConnection, core: Session) -> None:
         super().__init__(conn, core)
         self.rpc_conn = conn

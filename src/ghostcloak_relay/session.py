@@ -69,6 +69,22 @@ class UpstreamSession:
 
     needs_json = False  # /relay must splice node messages into envelopes: JSON only
 
+    # slots: there is one of these per session, 10,000s per process (memory per session)
+    __slots__ = (
+        "_queue",
+        "_server",
+        "_stats",
+        "conn",
+        "connect_task",
+        "core",
+        "last_active",
+        "node_stuck_since",
+        "rpc",
+        "session_id",
+        "state",
+        "upstream",
+    )
+
     def __init__(self, conn: ClientConnection, core: Session) -> None:
         self.conn = conn
         self.core = core

@@ -43,6 +43,8 @@ class UpstreamSink(Protocol):
 class UpstreamListener(WSListener):
     """picows listener for one upstream connection."""
 
+    __slots__ = ("_assembler", "_clean_close", "_failed", "_sink")
+
     def __init__(self, sink: UpstreamSink, max_message_bytes: int) -> None:
         super().__init__()
         self._sink = sink
