@@ -62,7 +62,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_SESSION = "unknown_session"
     SESSION_EXISTS = "session_exists"
     TOO_MANY_SESSIONS = "too_many_sessions"
-    RELAY_FULL = "relay_full"
+    SERVER_FULL = "relay_full"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     QUEUE_FULL = "queue_full"
     BINARY_NOT_SUPPORTED = "binary_not_supported"
@@ -78,7 +78,7 @@ ERROR_MESSAGES: Final[dict[ErrorCode, str]] = {
     ErrorCode.UNKNOWN_SESSION: "no such session on this connection",
     ErrorCode.SESSION_EXISTS: "a session with this sessionId already exists",
     ErrorCode.TOO_MANY_SESSIONS: "too many sessions on this connection",
-    ErrorCode.RELAY_FULL: "the relay has no room for more sessions, try again later",
+    ErrorCode.SERVER_FULL: "the relay has no room for more sessions, try again later",
     ErrorCode.UPSTREAM_UNAVAILABLE: "the node is unavailable, try again later",
     ErrorCode.QUEUE_FULL: "too many messages queued before the session started",
     ErrorCode.BINARY_NOT_SUPPORTED: "binary frames are not supported, send text",

@@ -135,7 +135,7 @@ class RelayConnection(ClientConnection):
         if len(self.by_id) >= server.settings.max_sessions_per_connection:
             raise EnvelopeError(ErrorCode.TOO_MANY_SESSIONS, requested)
         if server.manager.active_count() >= server.settings.max_sessions:
-            raise EnvelopeError(ErrorCode.RELAY_FULL, requested)
+            raise EnvelopeError(ErrorCode.SERVER_FULL, requested)
         session_id = requested if requested is not None else protocol.new_session_id()
         try:
             core = server.manager.start(session_id, owner=self)

@@ -86,7 +86,7 @@ _TERMINAL_TX_STATES: Final = frozenset(
     {"finalized", "usurped", "dropped", "invalid", "finalityTimeout", "retracted_final"}
 )
 _TERMINAL_TX_EVENTS: Final = frozenset({"finalized", "error", "invalid", "dropped"})
-_RELAY_ID_PREFIX: Final = "ghostcloak-relay/"
+_OWN_ID_PREFIX: Final = "ghostcloak-relay/"
 
 # kinds of requests in flight
 _PLAIN, _SUB, _UNSUB, _OWN = 0, 1, 2, 3
@@ -302,7 +302,7 @@ class RpcSession:
         elements = []
         for n, (element, kind, data) in enumerate(forward):
             if "id" in element:
-                alias = f"{_RELAY_ID_PREFIX}{batch_no}.{n}"
+                alias = f"{_OWN_ID_PREFIX}{batch_no}.{n}"
                 aliases[alias] = element["id"]
                 self._track(alias, kind, data)
                 element = {**element, "id": alias}
@@ -385,8 +385,8 @@ class RpcSession:
         """The pending merge this batch answer belongs to (by the relay's own ids)."""
         for item in msg:
             req_id = item.get("id") if isinstance(item, dict) else None
-            if isinstance(req_id, str) and req_id.startswith(_RELAY_ID_PREFIX):
-                number = req_id[len(_RELAY_ID_PREFIX) :].split(".", 1)[0]
+            if isinstance(req_id, str) and req_id.startswith(_OWN_ID_PREFIX):
+                number = req_id[len(_OWN_ID_PREFIX) :].split(".", 1)[0]
                 if number.isdigit() and "." in req_id:
                     return self._merges.pop(int(number), None)
         return None
@@ -428,7 +428,7 @@ class RpcSession:
 
     def _orphaned(self, sub: int | str) -> None:
         """A subscription the client never learned of: the relay ends it itself."""
-        own = f"{_RELAY_ID_PREFIX}{next(self._own_ids)}"
+        own = f"{_OWN_ID_PREFIX}{next(self._own_ids)}"
         method = unsubscribe_method(self.subscriptions[sub])
         self._pending[own] = (self._clock(), _OWN, sub)
         self.outbox.append({"jsonrpc": "2.0", "id": own, "method": method, "params": [sub]})
@@ -485,8 +485,8 @@ class RpcSession:
 
     def _client_id(self, req_id: int | str) -> Any:
         """The client's id for a request the relay gave an id of its own (in a batch)."""
-        if isinstance(req_id, str) and req_id.startswith(_RELAY_ID_PREFIX):
-            number = req_id[len(_RELAY_ID_PREFIX) :].split(".", 1)[0]
+        if isinstance(req_id, str) and req_id.startswith(_OWN_ID_PREFIX):
+            number = req_id[len(_OWN_ID_PREFIX) :].split(".", 1)[0]
             if number.isdigit():
                 merge = self._merges.get(int(number))
                 if merge is not None:

@@ -61,10 +61,6 @@ _JSON = {"Content-Type": "application/json", "Cache-Control": "no-store"}
 DRAIN_SHARE = 0.8  # of RELAY_SHUTDOWN_TIMEOUT spent waiting for in-flight answers
 
 
-def board_enabled(server: RelayServer) -> bool:
-    return server.board is not None
-
-
 def make_server_ssl(cert: str, key: str) -> ssl.SSLContext:
     """TLS for clients: 1.2 or newer, the standard library's secure defaults."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -155,7 +151,7 @@ class RelayServer:
             max_frame_size=settings.max_message_bytes,
             read_buffer_init_size=READ_BUFFER_INIT,
             websocket_handshake_timeout=10,
-            reuse_port=True if board_enabled(self) else None,
+            reuse_port=True if self.board is not None else None,  # workers share the port
         )
         self.port = self._server.sockets[0].getsockname()[1]
         tick = min(
