@@ -92,14 +92,6 @@ _OWN_ID_PREFIX: Final = "ghostcloak-relay/"
 _PLAIN, _SUB, _UNSUB, _OWN = 0, 1, 2, 3
 
 
-def is_subscribe(method: str) -> bool:
-    return _kind_of(method) == _SUB
-
-
-def is_unsubscribe(method: str) -> bool:
-    return _kind_of(method) == _UNSUB
-
-
 _KINDS: dict[str, int] = {}
 _MAX_KINDS: Final = 4096  # method names come from clients: bound the memo
 
