@@ -890,3 +890,30 @@ async def test_certificate_reload_on_sighup_and_on_file_change(
         await old_ws.close()
     proc.proc.send_signal(signal.SIGTERM)
     assert await proc.wait_exit() == 0
+
+
+async def test_metrics_port_keeps_metrics_off_the_public_port(
+    relay_factory: RelayFactory, devnode: DevNode
+) -> None:
+    """RELAY_METRICS_PORT: /metrics (with /health and /ready) on a separate listener; the
+    public port then answers 404 for /metrics, and the admin port takes no WebSocket."""
+    relay = await relay_factory(node=(devnode.url,), metrics_port=0)
+    assert relay.metrics_port is not None
+    admin = f"http://127.0.0.1:{relay.metrics_port}"
+    public = base_url(relay)
+
+    def status(url: str) -> int:
+        try:
+            with urllib.request.urlopen(url, timeout=TIMEOUT) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    assert await asyncio.to_thread(status, public + "/metrics") == 404
+    assert await asyncio.to_thread(status, public + "/health") == 200
+    assert await asyncio.to_thread(status, admin + "/health") == 200
+    metrics = await scrape(admin)
+    assert metrics.get("ghostcloak_relay_sessions_active") == 0
+    with pytest.raises(InvalidStatus) as info:
+        await connect(f"ws://127.0.0.1:{relay.metrics_port}/relay", open_timeout=TIMEOUT)
+    assert info.value.response.status_code == 404

@@ -363,6 +363,22 @@ OPTIONS: tuple[Option, ...] = (
         "an integer 0 or more (0: one per CPU)",
         "worker processes sharing the port (SO_REUSEPORT), supervised",
     ),
+    Option(
+        "metrics_port",
+        "RELAY_METRICS_PORT",
+        None,
+        _port,
+        "an integer 0-65535 (unset: /metrics on the main port)",
+        "serve /metrics, /health and /ready on this separate plain-HTTP port instead",
+    ),
+    Option(
+        "metrics_host",
+        "RELAY_METRICS_HOST",
+        "127.0.0.1",
+        _text,
+        "an interface address or host name",
+        "address of the RELAY_METRICS_PORT listener",
+    ),
 )
 
 
@@ -398,6 +414,8 @@ class Settings:
     node_stale_after: float = 60.0
     log_format: str = "text"
     workers: int = 1
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     rpc_methods: MethodPolicy = SAFE_POLICY
     max_subscriptions_per_session: int = 64
     max_batch: int = 10

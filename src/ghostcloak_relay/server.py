@@ -112,6 +112,8 @@ class RelayServer:
         self.port = 0
         self.registry = make_registry(self)
         self._server: asyncio.Server | None = None
+        self._admin: asyncio.Server | None = None  # RELAY_METRICS_PORT, when set
+        self.metrics_port: int | None = None
         self._all_closed = asyncio.Event()
         self._all_closed.set()
         self._stopped = False
@@ -154,6 +156,16 @@ class RelayServer:
             reuse_port=True if self.board is not None else None,  # workers share the port
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        if settings.metrics_port is not None:
+            self._admin = await ws_create_server(
+                self._admin_route,
+                settings.metrics_host,
+                settings.metrics_port,
+                logger_name=SILENT,
+                websocket_handshake_timeout=10,
+                reuse_port=True if self.board is not None else None,
+            )
+            self.metrics_port = self._admin.sockets[0].getsockname()[1]
         tick = min(
             1.0,
             settings.idle_timeout / 4,
@@ -201,11 +213,13 @@ class RelayServer:
             for conn in list(self.connections):
                 if conn.transport is not None:
                     conn.transport.disconnect(graceful=False)
-        if self._server is not None:
-            self._server.close()
+        for listener in (self._server, self._admin):
+            if listener is not None:
+                listener.close()
         await self.tasks.aclose()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for listener in (self._server, self._admin):
+            if listener is not None:
+                await listener.wait_closed()
         log.info("shutdown complete")
 
     def in_flight(self) -> int:
@@ -224,6 +238,17 @@ class RelayServer:
             if refusal is not None:
                 return refusal
             return RelayConnection(self) if path == b"/relay" else RpcConnection(self)
+        return self._status_route(path, metrics=self.settings.metrics_port is None)
+
+    def _admin_route(
+        self, request: WSUpgradeRequest
+    ) -> WSListener | WSUpgradeResponseWithListener | None:
+        """``RELAY_METRICS_PORT``: /metrics, /health and /ready only; no WebSocket."""
+        if request.method != b"GET" or request.headers.get("Upgrade"):
+            return None
+        return self._status_route(request.path.split(b"?", 1)[0], metrics=True)
+
+    def _status_route(self, path: bytes, *, metrics: bool) -> WSUpgradeResponseWithListener | None:
         if path == b"/health":
             return _respond(200, orjson.dumps(self.health()))
         if path == b"/ready":
@@ -236,7 +261,7 @@ class RelayServer:
                 }
             )
             return _respond(200 if ready else 503, body)
-        if path == b"/metrics":
+        if path == b"/metrics" and metrics:
             return _respond(200, render(self.registry), {"Content-Type": CONTENT_TYPE})
         return None  # picows answers 404, for plain GETs and upgrades alike
 
