@@ -179,10 +179,17 @@ async def _demo(port: int, node_port: int, block_time: float, exit_after: bool) 
             async with s.subscribe(
                 "chain_subscribeNewHeads", unsubscribe="chain_unsubscribeNewHeads"
             ) as heads:
-                print("  -> chain_subscribeNewHeads       (waiting for the next block)")
+                current = await asyncio.wait_for(anext(heads), 30)
+                print(
+                    "  -> chain_subscribeNewHeads       <- notification: current head "
+                    f"#{int(current['number'], 16)}"
+                )
                 node.produce_block()
                 header = await asyncio.wait_for(anext(heads), 30)
-                print(f"  <- notification: new head #{int(header['number'], 16)}")
+                print(
+                    f"     (a block is made)            <- notification: new head "
+                    f"#{int(header['number'], 16)}"
+                )
             print("  -> session_end                   <- session_ended (client)")
         if exit_after:
             return 0
