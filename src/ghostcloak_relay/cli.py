@@ -187,7 +187,7 @@ async def _demo(port: int, node_port: int, block_time: float, exit_after: bool) 
                 node.produce_block()
                 header = await asyncio.wait_for(anext(heads), 30)
                 print(
-                    f"     (a block is made)            <- notification: new head "
+                    f"     (a block is made)             <- notification: new head "
                     f"#{int(header['number'], 16)}"
                 )
             print("  -> session_end                   <- session_ended (client)")
