@@ -286,3 +286,23 @@ def test_silent_logger_drops_everything():
     assert not logs.SILENT.isEnabledFor(logging.CRITICAL)
     # an adapter, so that picows does not make a child Logger per connection
     assert not isinstance(logs.SILENT, logging.Logger)
+
+
+def test_configure_logging_silences_library_loggers(capsys: pytest.CaptureFixture[str]) -> None:
+    """picows logs peer addresses and asyncio prints exception text: neither may reach
+    the relay's output, even at debug level."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        logs.configure_logging("debug")
+        logging.getLogger("picows.server").warning("New connection accepted: 127.0.0.9:5555")
+        logging.getLogger("asyncio").error("Task exception: secret payload 127.0.0.9")
+        logging.getLogger("ghostcloak_relay.test").debug("relay line")
+        err = capsys.readouterr().err
+        assert "relay line" in err
+        assert "127.0.0.9" not in err
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.getLogger("picows").setLevel(logging.NOTSET)
+        logging.getLogger("asyncio").setLevel(logging.NOTSET)
