@@ -379,6 +379,15 @@ OPTIONS: tuple[Option, ...] = (
         "an interface address or host name",
         "address of the RELAY_METRICS_PORT listener",
     ),
+    Option(
+        "proxy_protocol",
+        "RELAY_PROXY_PROTOCOL",
+        "off",
+        _choice("off", "on"),
+        "off or on (on needs TLS terminated in front)",
+        "expect a PROXY protocol v1/v2 header on every connection; its source address "
+        "keys the per-client limits only",
+    ),
 )
 
 
@@ -416,6 +425,7 @@ class Settings:
     workers: int = 1
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    proxy_protocol: str = "off"
     rpc_methods: MethodPolicy = SAFE_POLICY
     max_subscriptions_per_session: int = 64
     max_batch: int = 10
@@ -462,5 +472,10 @@ def load_settings(
         raise ConfigError(
             f"invalid {given}={_describe(value)} without {missing}: "
             "expected both set (TLS) or neither (plain)"
+        )
+    if values["proxy_protocol"] == "on" and values["tls_cert"] is not None:
+        raise ConfigError(
+            "invalid RELAY_PROXY_PROTOCOL='on' with RELAY_TLS_CERT set: expected TLS "
+            "terminated in front of the relay (the proxy header precedes the TLS handshake)"
         )
     return Settings(**values)

@@ -89,8 +89,11 @@ class ClientConnection(WSListener):
         server = self.server
         server.register(self)
         raw = transport.underlying_transport
-        peer = raw.get_extra_info("peername")
-        key = ref(str(peer[0])) if peer else "unknown"
+        source = server.proxied_sources.pop(raw, None)  # RELAY_PROXY_PROTOCOL
+        if source is None:
+            peer = raw.get_extra_info("peername")
+            source = str(peer[0]) if peer else "unknown"
+        key = ref(source)
         bucket = server.clients.acquire(key)
         if bucket is None:
             server.stats.refused["too_many_connections_per_client"] += 1

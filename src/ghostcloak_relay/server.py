@@ -21,12 +21,14 @@ import signal
 import ssl
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 from picows import (
+    WSAutoPingStrategy,
     WSCloseCode,
     WSListener,
     WSUpgradeRequest,
@@ -34,6 +36,7 @@ from picows import (
     WSUpgradeResponseWithListener,
     ws_create_server,
 )
+from picows.picows import WSProtocol  # type: ignore[attr-defined]  # for RELAY_PROXY_PROTOCOL
 
 from .board import Board
 from .config import Settings
@@ -45,6 +48,7 @@ from .metrics import CONTENT_TYPE, make_registry, render
 from .pool import NodePool
 from .probe import probe_node
 from .protocol import EndReason
+from .proxyproto import ProxyHeaderShim
 from .relay_connection import RelayConnection
 from .rpc_connection import RpcConnection
 from .sessions import SessionManager
@@ -113,6 +117,9 @@ class RelayServer:
         self.registry = make_registry(self)
         self._server: asyncio.Server | None = None
         self._admin: asyncio.Server | None = None  # RELAY_METRICS_PORT, when set
+        #: RELAY_PROXY_PROTOCOL: transport -> the client address its header gave (weakly
+        #: held, so a connection that never completes its handshake leaves nothing)
+        self.proxied_sources: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self.metrics_port: int | None = None
         self._all_closed = asyncio.Event()
         self._all_closed.set()
@@ -140,21 +147,24 @@ class RelayServer:
                 "RELAY_RPC_METHODS=off: no method policy, every frame reaches the node "
                 "unchecked; use only for non-JSON-RPC upstreams and conformance tests"
             )
-        self._server = await ws_create_server(
-            self._route,
-            settings.host,
-            settings.port,
-            ssl=self.server_ssl,
-            logger_name=SILENT,
-            enable_auto_pong=True,
-            enable_auto_ping=True,
-            auto_ping_idle_timeout=settings.ping_interval,
-            auto_ping_reply_timeout=settings.ping_interval,
-            max_frame_size=settings.max_message_bytes,
-            read_buffer_init_size=READ_BUFFER_INIT,
-            websocket_handshake_timeout=10,
-            reuse_port=True if self.board is not None else None,  # workers share the port
-        )
+        if settings.proxy_protocol == "on":
+            self._server = await self._proxy_protocol_server()
+        else:
+            self._server = await ws_create_server(
+                self._route,
+                settings.host,
+                settings.port,
+                ssl=self.server_ssl,
+                logger_name=SILENT,
+                enable_auto_pong=True,
+                enable_auto_ping=True,
+                auto_ping_idle_timeout=settings.ping_interval,
+                auto_ping_reply_timeout=settings.ping_interval,
+                max_frame_size=settings.max_message_bytes,
+                read_buffer_init_size=READ_BUFFER_INIT,
+                websocket_handshake_timeout=10,
+                reuse_port=True if self.board is not None else None,  # workers share the port
+            )
         self.port = self._server.sockets[0].getsockname()[1]
         if settings.metrics_port is not None:
             self._admin = await ws_create_server(
@@ -221,6 +231,41 @@ class RelayServer:
             if listener is not None:
                 await listener.wait_closed()
         log.info("shutdown complete")
+
+    async def _proxy_protocol_server(self) -> asyncio.Server:
+        """The listener when ``RELAY_PROXY_PROTOCOL=on``: each connection first goes
+        through :class:`~.proxyproto.ProxyHeaderShim`, then to picows as usual."""
+        settings = self.settings
+
+        def websocket() -> Any:
+            return WSProtocol(
+                None,
+                None,
+                False,
+                self._route,
+                SILENT,
+                True,
+                10,
+                True,
+                settings.ping_interval,
+                settings.ping_interval,
+                WSAutoPingStrategy.PING_WHEN_IDLE,
+                True,
+                settings.max_message_bytes,
+                None,
+                READ_BUFFER_INIT,
+            )
+
+        def record(transport: Any, source: str | None) -> None:
+            if source is not None:
+                self.proxied_sources[transport] = source
+
+        return await asyncio.get_running_loop().create_server(
+            lambda: ProxyHeaderShim(websocket, record),
+            settings.host,
+            settings.port,
+            reuse_port=True if self.board is not None else None,
+        )
 
     def in_flight(self) -> int:
         return sum(s.in_flight for conn in self.connections for s in conn.sessions())
