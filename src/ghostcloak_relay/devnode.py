@@ -57,6 +57,8 @@ from picows import (
     ws_create_server,
 )
 
+from .logs import SILENT, safe_exception
+
 __all__ = ["DEFAULT_BLOCK_TIME", "DevNode", "start_devnode"]
 
 #: Seconds between blocks, as on a Midnight/Substrate chain with 6 s slots.
@@ -76,8 +78,6 @@ FINALITY_LAG: Final = 2
 CLOSE_TIMEOUT: Final = 2.0
 
 log = logging.getLogger("ghostcloak_relay.devnode")
-# picows logs peer addresses at INFO; privacy tests assert no log line holds one.
-_picows_log = logging.Logger("ghostcloak_relay.devnode.picows", logging.CRITICAL + 1)
 
 PARSE_ERROR: Final = -32700
 INVALID_REQUEST: Final = -32600
@@ -460,8 +460,8 @@ class DevNode:
             result = handler(call)
         except _RpcError as exc:
             return _error(rid, exc.code, exc.message)
-        except Exception:
-            log.exception("dev node method failed")  # no payload in the log
+        except Exception as exc:  # type and place only: an exception's text may hold params
+            log.error("dev node method failed: %s", safe_exception(exc))
             return _error(rid, INTERNAL_ERROR, "Internal error")
         after.extend(call.after)
         return {"jsonrpc": "2.0", "id": rid, "result": result}
@@ -588,7 +588,7 @@ class DevNode:
             self._new_listener,
             self.host,
             port,
-            logger_name=_picows_log,
+            logger_name=SILENT,  # picows logs peer addresses at INFO
             max_frame_size=MAX_MESSAGE_SIZE,
             read_buffer_init_size=1024,
         )
@@ -601,8 +601,8 @@ class DevNode:
             await asyncio.sleep(self._block_time)
             try:
                 self.produce_block()
-            except Exception:
-                log.exception("dev node block production failed")
+            except Exception as exc:
+                log.error("dev node block production failed: %s", safe_exception(exc))
 
 
 async def start_devnode(

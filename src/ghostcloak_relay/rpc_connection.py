@@ -102,15 +102,6 @@ class RpcConnection(ClientConnection):
         self.session.begin()
 
     def on_text(self, text: str) -> None:
-        session = self.session
-        if session is not None and session.rpc is not None and session.upstream is not None:
-            try:  # the hot path: a request for an open session (see session.from_client)
-                msg = protocol.loads_request(text)
-            except orjson.JSONDecodeError:
-                session.reply(error_response(None, PARSE_ERROR))
-                return
-            session.from_client(msg, text)
-            return
         self._from_client(text, WSMsgType.TEXT)
 
     def on_binary(self, data: bytes) -> None:

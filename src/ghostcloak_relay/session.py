@@ -255,15 +255,7 @@ class UpstreamSession:
         rpc = self.rpc
         if rpc is not None:
             if raw is not None and queue is None and rpc.forward_plain(msg):  # the hot path
-                stats = self._stats
-                stats.msgs_to_node += 1
-                stats.bytes_to_node += (
-                    len(raw) if isinstance(raw, bytes) or raw.isascii() else len(raw.encode())
-                )
-                upstream = self.upstream
-                if upstream is not None:
-                    upstream.send(opcode, raw)
-                return None
+                return self.to_node(opcode, raw)
             decision = rpc.client_request(msg)
             if decision is None:  # allowed, unchanged: the common case
                 if raw is None:
