@@ -3,19 +3,35 @@
 #   docker run -p 8443:8443 -e MIDNIGHT_NODE=ws://node:9944 ghostcloak-relay
 # tests/test_container.py runs the install step and the start command below in a clean
 # virtual environment, since these machines have no Docker engine.
-FROM python:3.12-slim
+
+# Build stage: the full Python image has the C compiler that mypyc needs to compile the
+# data plane (docs/operations.md, "Compiled data plane"); the result is one venv.
+FROM python:3.12 AS build
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src
+COPY scripts/build_native.py ./scripts/
 
-# install step
-RUN python -m venv /opt/relay && /opt/relay/bin/pip install /app
+# install step: dependencies and mypy, compile, install the relay with its compiled
+# modules, drop the build tools
+RUN python -m venv /opt/relay \
+    && /opt/relay/bin/pip install "/app[native]" \
+    && /opt/relay/bin/python scripts/build_native.py \
+    && /opt/relay/bin/pip install --no-deps --force-reinstall /app \
+    && /opt/relay/bin/pip uninstall -y mypy setuptools
+
+# Run stage: slim, the venv only.
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+COPY --from=build /opt/relay /opt/relay
 
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin relay
 USER 10001

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from mypy_extensions import mypyc_attr
+from picows import WSCloseCode, WSMsgType, WSTransport
+from picows.picows import WSListener
 
 from .frames import FrameError, MessageAssembler, close_reply_code
 from .limits import TokenBucket
@@ -40,6 +42,7 @@ log = logging.getLogger("ghostcloak_relay.connection")
 _TEXT = WSMsgType.TEXT
 
 
+@mypyc_attr(native_class=False)  # a picows listener: see native.py
 class ClientConnection(WSListener):
     """Base listener for one client WebSocket connection."""
 
@@ -105,7 +108,9 @@ class ClientConnection(WSListener):
         raw.set_write_buffer_limits(high=limit, low=limit // 4)
         self.opened()
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+    def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+        # frame: a picows WSFrame, typed Any because its fin/rsv bits are ints where
+        # picows' stub says bool, and compiled code (native.py) checks declared types
         if transport.is_close_frame_sent:
             # closing: picows 2.3 keeps delivering frames after it has refused one (for
             # example an oversized frame, closed with 1009); nothing more is acted on.

@@ -101,8 +101,10 @@ class MessageAssembler:
     def in_progress(self) -> bool:
         return self._opcode is not None
 
-    def feed(self, opcode: int, fin: bool, payload: bytes) -> str | bytes | None:
-        """Take one data frame; return the message it completes, else None."""
+    def feed(self, opcode: int, fin: int, payload: bytes) -> str | bytes | None:
+        """Take one data frame; return the message it completes, else None.
+
+        ``fin``: nonzero for the last frame of a message (picows gives an int)."""
         if opcode == OP_CONTINUATION:
             if self._opcode is None:
                 raise FrameError(CLOSE_PROTOCOL_ERROR, "continuation frame without a message")
@@ -123,7 +125,7 @@ class MessageAssembler:
             raise FrameError(CLOSE_MESSAGE_TOO_BIG, "message too big")
         if self._decoder is not None:
             try:
-                text = self._decoder.decode(payload, fin)
+                text = self._decoder.decode(payload, bool(fin))
             except UnicodeDecodeError:
                 self._reset()
                 raise FrameError(CLOSE_INVALID_TEXT, "invalid UTF-8 in text message") from None

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import orjson
+from mypy_extensions import mypyc_attr
 from picows import WSCloseCode, WSMsgType
 
 from . import protocol
@@ -67,6 +68,7 @@ class RelaySession(UpstreamSession):
         conn.send(protocol.encode_error(ErrorCode.UPSTREAM_UNAVAILABLE, self.session_id))
 
 
+@mypyc_attr(native_class=False)  # a picows listener: see native.py
 class RelayConnection(ClientConnection):
     """picows listener for one client connection on ``/relay``."""
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import orjson
+from mypy_extensions import mypyc_attr
 from picows import WSCloseCode, WSMsgType
 
 from . import protocol
@@ -76,6 +77,7 @@ class PlainSession(UpstreamSession):
         return self.client_code or WSCloseCode.OK
 
 
+@mypyc_attr(native_class=False)  # a picows listener: see native.py
 class RpcConnection(ClientConnection):
     """picows listener for one ``/rpc`` client."""
 

@@ -38,6 +38,7 @@ from picows import (
 )
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # for RELAY_PROXY_PROTOCOL
 
+from . import NATIVE
 from .board import Board
 from .config import Settings
 from .connection import ClientConnection
@@ -189,11 +190,12 @@ class RelayServer:
             self.tasks.spawn(self._probe_loop(), name="probes")
         scheme = "wss" if self.server_ssl is not None else "ws"
         log.info(
-            "relay listening on %s://%s:%d (/relay, /rpc; %d node(s) configured)",
+            "relay listening on %s://%s:%d (/relay, /rpc; %d node(s) configured; %s)",
             scheme,
             settings.host,
             self.port,
             len(settings.node),
+            "compiled data plane" if NATIVE else "pure-Python data plane",
         )
 
     async def shutdown(self) -> None:

@@ -35,6 +35,24 @@ RTT_BUCKETS: Final = (
 )
 
 
+#: Every field of :class:`Stats` (compiled classes have no ``__dict__`` to list them).
+FIELDS: Final = (
+    "msgs_to_node",
+    "bytes_to_node",
+    "msgs_to_client",
+    "bytes_to_client",
+    "sessions_started",
+    "sessions_ended",
+    "connections",
+    "open_connections",
+    "refused",
+    "upstream_connects",
+    "upstream_failures",
+    "rtt_counts",
+    "rtt_sum",
+)
+
+
 class Stats:
     def __init__(self, nodes: int) -> None:
         self.msgs_to_node = 0
@@ -53,7 +71,7 @@ class Stats:
 
     def snapshot(self) -> dict[str, Any]:
         """Plain data for other workers (see :mod:`.board`)."""
-        return {k: v for k, v in vars(self).items()}
+        return {k: getattr(self, k) for k in FIELDS}
 
     def merged(self, others: list[dict[str, Any]]) -> Stats:
         """These counters plus other workers' snapshots: the whole server's view."""

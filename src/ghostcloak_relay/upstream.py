@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Protocol
+from typing import Any, Protocol
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from mypy_extensions import mypyc_attr
+from picows import WSCloseCode, WSMsgType, WSTransport, ws_connect
+from picows.picows import WSListener
 
 from .frames import FrameError, MessageAssembler, close_reply_code
 from .logs import SILENT
@@ -40,6 +42,7 @@ class UpstreamSink(Protocol):
     def on_upstream_pause(self, stuck: bool) -> None: ...
 
 
+@mypyc_attr(native_class=False)  # a picows listener: see native.py
 class UpstreamListener(WSListener):
     """picows listener for one upstream connection."""
 
@@ -55,7 +58,9 @@ class UpstreamListener(WSListener):
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._sink.on_upstream_open(transport)
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+    def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+        # frame: a picows WSFrame, typed Any because its fin/rsv bits are ints where
+        # picows' stub says bool, and compiled code (native.py) checks declared types
         if transport.is_close_frame_sent:  # see RelayConnection.on_ws_frame
             return
         msg_type = frame.msg_type

@@ -1,0 +1,80 @@
+"""The compiled data plane: the hot-path modules built with mypyc, used only when current.
+
+Profiling the relay under load (``bench/``) shows its user-space CPU is mostly the
+CPython interpreter running the per-message path. mypyc compiles that same typed source
+to C, with no second implementation to keep in step: the modules in :data:`MODULES` are
+built by ``scripts/build_native.py`` (which ``scripts/setup.sh`` runs) into
+``_native/`` inside this package, together with a digest of the sources they were built
+from.
+
+:func:`activate` (called by the package ``__init__``) puts the compiled modules first on
+the package's search path only when that digest matches the ``.py`` files beside them
+and the build is for this interpreter; otherwise, or with ``RELAY_PURE_PYTHON=1``, the
+plain Python modules are imported and everything behaves the same, only slower. A
+source edited after the build therefore never runs as stale compiled code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["MODULES", "NATIVE_DIR", "activate", "build_tag", "source_digest"]
+
+#: The per-message path: framing, envelopes, policy, sessions, counters.
+MODULES = (
+    "connection",
+    "frames",
+    "limits",
+    "policy",
+    "protocol",
+    "relay_connection",
+    "rpc",
+    "rpc_connection",
+    "session",
+    "stats",
+    "upstream",
+)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+NATIVE_DIR = PACKAGE_DIR / "_native"
+STAMP = "SOURCES"
+
+
+def build_tag() -> str:
+    """What a build is only valid for: this interpreter's version and ABI."""
+    return f"{sys.implementation.cache_tag}-{sys.platform}-{sys.abiflags}"
+
+
+def source_digest(package_dir: Path = PACKAGE_DIR) -> str:
+    """Digest of the compiled modules' sources and the build tag (the stamp's content)."""
+    digest = hashlib.sha256(build_tag().encode())
+    for name in MODULES:
+        digest.update(name.encode() + b"\0")
+        digest.update((package_dir / f"{name}.py").read_bytes())
+    return digest.hexdigest()
+
+
+def activate(package_path: list[str]) -> bool:
+    """Prefer the compiled modules when present and current; True when they are used.
+
+    ``package_path`` is the package's ``__path__``; must run before any of
+    :data:`MODULES` is imported.
+    """
+    if os.environ.get("RELAY_PURE_PYTHON", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        built_from = (NATIVE_DIR / STAMP).read_text().strip()
+        current = source_digest()
+    except OSError:
+        return False
+    if built_from != current:
+        return False
+    # mypyc puts the code of all modules in one shared library, a top-level module
+    # with a digest in its name that the per-module stubs import.
+    if str(NATIVE_DIR) not in sys.path:
+        sys.path.append(str(NATIVE_DIR))
+    package_path.insert(0, str(NATIVE_DIR / "ghostcloak_relay"))
+    return True
