@@ -40,6 +40,7 @@ def build(out: Path) -> None:
                 group_name="ghostcloak_relay_native",
                 target_dir=str(Path(tmp) / "c"),
             )
+            os.chdir(tmp)  # not beside pyproject.toml: setuptools would read the project
             setup(
                 name="ghostcloak-relay-native",
                 ext_modules=extensions,

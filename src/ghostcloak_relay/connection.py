@@ -58,6 +58,8 @@ class ClientConnection(WSListener):
         self.paused_since: float | None = None  # our outbound buffer is over its limit
         self._nodes_not_reading = 0
         self._assembler = MessageAssembler(server.settings.max_message_bytes)
+        #: hand whole text frames to on_json_bytes undecoded (saves a str copy per frame)
+        self.json_bytes = False
 
     # -- to be provided by the endpoint -----------
 
@@ -71,6 +73,10 @@ class ClientConnection(WSListener):
         raise NotImplementedError
 
     def on_binary(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_json_bytes(self, data: bytes) -> None:
+        """A whole text frame, not yet checked for UTF-8 (only when ``json_bytes``)."""
         raise NotImplementedError
 
     def on_close_frame(self, code: WSCloseCode) -> None:
@@ -120,6 +126,9 @@ class ClientConnection(WSListener):
             self.fail(FrameError(1002, "reserved bits set"))
             return
         if msg_type is _TEXT and frame.fin and not self._assembler.in_progress:
+            if self.json_bytes:  # the endpoint parses it as JSON, which checks UTF-8 too
+                self.on_json_bytes(frame.get_payload_as_bytes())
+                return
             try:
                 text = frame.get_payload_as_utf8_text()
             except UnicodeDecodeError:

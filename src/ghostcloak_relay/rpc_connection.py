@@ -25,6 +25,7 @@ from picows import WSCloseCode, WSMsgType
 
 from . import protocol
 from .connection import ClientConnection
+from .frames import FrameError
 from .protocol import EndReason
 from .rpc import PARSE_ERROR, error_response
 from .session import UpstreamSession
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from .server import RelayServer
 
 __all__ = ["CLOSE_CODES", "PlainSession", "RpcConnection"]
+
+_TEXT = WSMsgType.TEXT
+_BINARY = WSMsgType.BINARY
 
 #: Close code the relay uses for each way a session can end (the reason is the text).
 CLOSE_CODES: dict[EndReason, WSCloseCode] = {
@@ -59,7 +63,7 @@ class PlainSession(UpstreamSession):
     def deliver(self, data: bytes, binary: bool) -> None:
         conn = self.rpc_conn
         if not conn.closing and conn.transport is not None:
-            conn.transport.send(WSMsgType.BINARY if binary else WSMsgType.TEXT, data)
+            conn.transport.send(_BINARY if binary else _TEXT, data)
 
     def ended(self, reason: EndReason, notify: bool) -> None:
         if reason is EndReason.CLIENT:
@@ -100,14 +104,35 @@ class RpcConnection(ClientConnection):
             self.refuse(WSCloseCode.TRY_AGAIN_LATER, "relay_full")
             return
         core = server.manager.start(protocol.new_session_id(), owner=self)
-        self.session = PlainSession(self, core)
-        self.session.begin()
+        self.session = session = PlainSession(self, core)
+        self.json_bytes = session.rpc is not None
+        session.begin()
 
     def on_text(self, text: str) -> None:
-        self._from_client(text, WSMsgType.TEXT)
+        self._from_client(text, _TEXT)
 
     def on_binary(self, data: bytes) -> None:
-        self._from_client(data, WSMsgType.BINARY)
+        self._from_client(data, _BINARY)
+
+    def on_json_bytes(self, data: bytes) -> None:
+        # the hot path with the method policy on: parsed as bytes and forwarded as they
+        # came; a message that does not parse is either invalid UTF-8 (close 1007, as for
+        # any text message) or not JSON (a JSON-RPC parse error answer)
+        session = self.session
+        if session is None:
+            return
+        try:
+            msg = protocol.loads_request(data)
+        except orjson.JSONDecodeError:
+            try:
+                data.decode()
+            except UnicodeDecodeError:
+                self.fail(FrameError(1007, "invalid UTF-8"))
+                return
+            session.reply(error_response(None, PARSE_ERROR))
+            return
+        if session.from_client(msg, data, _TEXT) is not None:
+            self._queue_full(session)
 
     def _from_client(self, data: str | bytes, opcode: WSMsgType) -> None:
         session = self.session
@@ -122,9 +147,13 @@ class RpcConnection(ClientConnection):
                 session.reply(error_response(None, PARSE_ERROR))
                 return
             error = session.from_client(msg, data, opcode)
-        if error is not None:  # the queue before the node's connection opened is full
-            self.close_transport(WSCloseCode.TRY_AGAIN_LATER, b"queue_full")
-            session.end(EndReason.CLIENT)
+        if error is not None:
+            self._queue_full(session)
+
+    def _queue_full(self, session: PlainSession) -> None:
+        """The queue before the node's connection opened is full: close."""
+        self.close_transport(WSCloseCode.TRY_AGAIN_LATER, b"queue_full")
+        session.end(EndReason.CLIENT)
 
     def on_close_frame(self, code: WSCloseCode) -> None:
         if self.session is not None:

@@ -26,6 +26,8 @@ from .logs import SILENT
 
 __all__ = ["USER_AGENT", "UpstreamListener", "UpstreamSink", "connect"]
 
+_TEXT = WSMsgType.TEXT
+
 #: The only header the relay adds to the upstream handshake: generic, the same for all.
 USER_AGENT = "ghostcloak-relay"
 
@@ -64,7 +66,7 @@ class UpstreamListener(WSListener):
         if transport.is_close_frame_sent:  # see RelayConnection.on_ws_frame
             return
         msg_type = frame.msg_type
-        if msg_type is WSMsgType.TEXT and frame.fin and not self._assembler.in_progress:
+        if msg_type is _TEXT and frame.fin and not self._assembler.in_progress:
             # hot path: a whole message in one frame; the sink validates it as JSON.
             self._sink.on_upstream_message(frame.get_payload_as_bytes(), False)
             return
