@@ -302,3 +302,30 @@ async def test_full_queue_closes_1013_queue_full_and_the_node_gets_1000(
         assert all(c.ws.close_code in (1000, 1006) for c in upstream.conns)
     finally:
         await slow.close()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"jsonrpc":"2.0","id":1,"method":"system_chain","params":["\xff"]}',
+        b'{"jsonrpc":"2.0","id":1,"method":"system_\xed\xa0\x80"}',  # a UTF-16 surrogate
+        b"\xc0\xaf",  # overlong, and not JSON either
+    ],
+)
+@pytest.mark.parametrize("fragmented", [False, True])
+async def test_invalid_utf8_closes_1007_and_the_node_never_sees_it(
+    relay_factory: RelayFactory, upstream: ScriptedUpstream, payload: bytes, fragmented: bool
+) -> None:
+    """With the policy on, a whole text frame is parsed as bytes (the hot path): invalid
+    UTF-8 must still close with 1007, as in a fragmented message, not be answered as a
+    parse error or reach the node; the node's connection is closed too."""
+    relay = await relay_factory(node=(upstream.url,))
+    ws = await open_rpc(relay)
+    assert (await call(ws, 1, "system_chain"))["result"] == "ok:system_chain"
+    if fragmented:
+        await ws.send([payload[:3], payload[3:]], text=True)
+    else:
+        await ws.send(payload, text=True)
+    assert (await closed(ws))[0] == 1007
+    assert len(upstream.conns[0].received) == 1
+    await eventually(lambda: not upstream.open_conns)
