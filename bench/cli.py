@@ -17,6 +17,9 @@ from .harness import HarnessError
 __all__ = ["main"]
 
 VARIANTS = ("direct", "nginx", "rpc", "relay")
+#: The relay's endpoints once more, served by a second relay with RELAY_PURE_PYTHON=1:
+#: the compiled data plane against the interpreter, side by side (``--with-pure``).
+PURE_VARIANTS = ("rpc-py", "relay-py")
 LEVELS = (1, 50, 500)
 
 #: Python packages the suite imports beyond the relay's own (module: pip requirement).
@@ -41,7 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
-        help="variants, comma-separated (default direct,nginx,rpc,relay)",
+        help="variants, comma-separated (default direct,nginx,rpc,relay; also rpc-py, "
+        "relay-py: the relay as pure Python)",
+    )
+    p.add_argument(
+        "--with-pure",
+        action="store_true",
+        help="add the variants rpc-py and relay-py: a second relay running as pure Python "
+        "(RELAY_PURE_PYTHON=1), to show what the compiled data plane saves",
     )
     p.add_argument(
         "--idle-sessions",

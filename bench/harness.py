@@ -202,10 +202,12 @@ def start_relay(
     cpus: set[int] | None,
     tag: str = "",
     soft_nofile: int | None = None,
+    pure: bool = False,
 ) -> Server:
     """The relay as an operator runs it: ``ghostcloak-relay serve`` with environment
     settings. ``soft_nofile`` starts it with a low soft open-file limit (as a default
-    shell would), to check that the relay raises its own limit."""
+    shell would), to check that the relay raises its own limit. ``pure``: with
+    ``RELAY_PURE_PYTHON=1`` (the interpreter instead of the compiled data plane)."""
     port = free_port()
     log = work / f"relay{tag}.log"
     env = {
@@ -216,6 +218,8 @@ def start_relay(
     env.update(RELAY_BENCH_ENV)
     env["PORT"] = str(port)
     env["MIDNIGHT_NODE"] = f"ws://{HOST}:{upstream_port}"
+    if pure:
+        env["RELAY_PURE_PYTHON"] = "1"
     exe = Path(sys.executable).parent / "ghostcloak-relay"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -232,7 +236,8 @@ def start_relay(
     except HarnessError as exc:
         _stop(proc)
         raise HarnessError(f"relay did not start ({exc}): {_tail(log)}") from None
-    return Server("relay", proc, port, log, extra={"env": {**RELAY_BENCH_ENV}})
+    name = "relay-py" if pure else "relay"
+    return Server(name, proc, port, log, extra={"env": {**RELAY_BENCH_ENV}, "pure": pure})
 
 
 def nginx_config(work: Path, port: int, upstream_port: int, nofile: int) -> str:

@@ -45,12 +45,46 @@ def record(pyspy: str, pid: int, seconds: float, out: Path, rate: int = 250) -> 
     return why
 
 
+_COMPILED = re.compile(r"^CPy(?:Def|Py)_(\w+?) \(")
+_LISTENER_METHOD = re.compile(r"^(\w+)_([A-Z]\w*)_obj$")
+
+
+def _compiled_name(symbol: str) -> str | None:
+    """A mypyc function's C symbol as the Python function it was compiled from:
+    ``CPyDef_session___UpstreamSession___from_client`` -> ``UpstreamSession.from_client``
+    and ``CPyDef_connection___on_ws_frame_ClientConnection_obj_____call__`` (a method of
+    a non-native class) -> ``ClientConnection.on_ws_frame``. CPyPy_ (the wrapper Python
+    calls) and CPyDef_ (the function) are one row."""
+    parts = symbol.split("___")
+    if len(parts) < 2:
+        return None
+    module, rest = parts[0], parts[1:]
+    if rest[-1] == "__call__" and len(rest) == 2:
+        m = _LISTENER_METHOD.match(rest[0])
+        if m is None:
+            return None
+        qualname = f"{m.group(2)}.{m.group(1)}"
+    elif len(rest) == 2:
+        qualname = f"{rest[0]}.{rest[1]}"
+    elif len(rest) == 1:
+        qualname = rest[0]
+    else:
+        return None
+    return f"{qualname} (ghostcloak_relay/{module}.py, compiled)"
+
+
 def _name(frame: str) -> str:
-    return _LINE.sub(")", frame.strip())
+    frame = frame.strip()
+    m = _COMPILED.match(frame)
+    if m is not None:
+        name = _compiled_name(m.group(1))
+        if name is not None:
+            return name
+    return _LINE.sub(")", frame)
 
 
 def _is_python(frame: str) -> bool:
-    return ".py)" in frame or ".py:" in frame
+    return ".py)" in frame or ".py:" in frame or ".py, compiled)" in frame
 
 
 def summarize(path: Path, top: int = 15) -> dict[str, Any]:
@@ -68,6 +102,8 @@ def summarize(path: Path, top: int = 15) -> dict[str, Any]:
             continue
         count = int(count_text)
         frames = [_name(f) for f in stack.split(";") if f]
+        # a compiled call appears twice (CPyPy_ wrapper, then CPyDef_): keep one
+        frames = [f for i, f in enumerate(frames) if i == 0 or f != frames[i - 1]]
         if not frames:
             continue
         total += count

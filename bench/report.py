@@ -372,6 +372,10 @@ def targets_table(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def _has_pure(result: dict[str, Any]) -> bool:
+    return any(v.endswith("-py") for v in result.get("config", {}).get("variants", []))
+
+
 def markdown(result: dict[str, Any]) -> str:
     meta, cfg = result["meta"], result["config"]
     out = [
@@ -381,7 +385,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Linux {meta['kernel']}, Python {meta['python']}; "
         f"picows {meta['versions'].get('picows')}, "
         f"orjson {meta['versions'].get('orjson')}, uvloop {meta['versions'].get('uvloop')}, "
-        f"{meta['nginx']}. Open-file limit {meta['nofile'][0]} (hard {meta['nofile'][1]}).",
+        f"{meta['nginx']}. Open-file limit {meta['nofile'][0]} (hard {meta['nofile'][1]}). "
+        f"Relay data plane: {meta.get('relay_data_plane', 'not recorded')}"
+        + (" (`rpc-py`, `relay-py`: the same relay as pure Python)." if _has_pure(result) else "."),
         "",
         f"Run: `{meta['command']}`: {cfg['rounds']} round(s), warm-up {cfg['warmup_s']:g} s, "
         f"timed {cfg['duration_s']:g} s per phase, CPUs: {cfg['placement']}. "
@@ -456,14 +462,21 @@ def markdown(result: dict[str, Any]) -> str:
 
 # -- chart -------------------------------------------------------------------------------
 
-ORDER = ("direct", "nginx", "rpc", "relay")
+ORDER = ("direct", "nginx", "rpc", "relay", "rpc-py", "relay-py")
 
 
 def _order(variant: str) -> int:
     return ORDER.index(variant) if variant in ORDER else len(ORDER)
 
 
-COLORS = {"direct": "#4d4d4d", "nginx": "#2b8cbe", "rpc": "#e6550d", "relay": "#31a354"}
+COLORS = {
+    "direct": "#4d4d4d",
+    "nginx": "#2b8cbe",
+    "rpc": "#e6550d",
+    "relay": "#31a354",
+    "rpc-py": "#fdae6b",
+    "relay-py": "#a1d99b",
+}
 
 
 def chart(result: dict[str, Any], cdfs: dict[str, dict[str, list[float]]], path: Path) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import deps
-from .cli import VARIANTS
+from .cli import PURE_VARIANTS, VARIANTS
 from .harness import (
     REPO,
     GenProc,
@@ -151,7 +151,9 @@ class Bench:
         self.levels = [int(x) for x in args.levels.split(",") if x.strip()]
         self.profile_levels = [int(x) for x in args.profile.split(",") if x.strip()]
         self.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        unknown = set(self.variants) - set(VARIANTS)
+        if args.with_pure:
+            self.variants += [v for v in PURE_VARIANTS if v not in self.variants]
+        unknown = set(self.variants) - set(VARIANTS) - set(PURE_VARIANTS)
         if unknown:
             raise SystemExit(f"unknown variant(s): {', '.join(sorted(unknown))}")
         self.place = Placement(not args.no_pin)
@@ -190,6 +192,8 @@ class Bench:
             self.servers["nginx"] = self._start("nginx")
         if {"rpc", "relay"} & set(self.variants) or self.profile_levels:
             self.servers["relay"] = self._start("relay")
+        if set(PURE_VARIANTS) & set(self.variants):
+            self.servers["relay-py"] = self._start("relay-py")
 
     def _start(self, kind: str, tag: str = "", soft_nofile: int | None = None) -> Server:
         upstream = self.servers["upstream"].port
@@ -197,7 +201,10 @@ class Bench:
             return start_nginx(
                 self.nginx, self.work, upstream, self.place.proxy, self.nofile[0], tag
             )
-        return start_relay(self.work, upstream, self.place.proxy, tag, soft_nofile)
+        pure = kind == "relay-py"
+        return start_relay(
+            self.work, upstream, self.place.proxy, tag + ("-py" if pure else ""), soft_nofile, pure
+        )
 
     def teardown(self) -> None:
         for server in self.servers.values():
@@ -245,14 +252,18 @@ class Bench:
         if variant == "nginx":
             ng = self.servers["nginx"]
             return f"ws://127.0.0.1:{ng.port}/", False, ng
-        relay = self.servers["relay"]
-        path = "/rpc" if variant == "rpc" else "/relay"
-        return f"ws://127.0.0.1:{relay.port}{path}", variant == "relay", relay
+        pure = variant in PURE_VARIANTS
+        relay = self.servers["relay-py" if pure else "relay"]
+        endpoint = variant.removesuffix("-py")
+        path = "/rpc" if endpoint == "rpc" else "/relay"
+        return f"ws://127.0.0.1:{relay.port}{path}", endpoint == "relay", relay
 
     def load_phase(
         self, variant: str, level: int, rnd: int, hook: Hook | None = None
     ) -> PhaseResult:
-        needs = {"direct": (), "nginx": ("nginx",)}.get(variant, ("relay",))
+        needs = {"direct": (), "nginx": ("nginx",)}.get(
+            variant, ("relay-py",) if variant in PURE_VARIANTS else ("relay",)
+        )
         for name in ("upstream", *needs):
             self._ensure_alive(name)
         url, env_mode, proxy = self._target(variant)
@@ -570,6 +581,7 @@ class Bench:
             "kernel": platform.release(),
             "python": platform.python_version(),
             "versions": {d: _version(d) for d in ("picows", "orjson", "uvloop", "numpy")},
+            "relay_data_plane": _data_plane(),
             "nginx": _nginx_version(self.nginx) if self.nginx else "nginx not used",
             "nofile": list(self.nofile),
             "loadavg_start": loadavg_start,
@@ -616,6 +628,25 @@ class Bench:
             "max_util_where": where,
             "processes": self.generators,
         }
+
+
+def _data_plane() -> str:
+    """What the relay (variants rpc, relay) runs: the compiled modules or pure Python,
+    decided as the relay decides it (same installation, same environment)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", "import ghostcloak_relay as g; print(g.NATIVE)"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return "compiled (mypyc)" if out == "True" else "pure Python (no current compiled build)"
 
 
 def _relay_env() -> dict[str, str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from mypy_extensions import mypyc_attr
 from picows import WSCloseCode, WSMsgType, WSTransport
@@ -39,7 +39,7 @@ __all__ = ["ClientConnection"]
 
 log = logging.getLogger("ghostcloak_relay.connection")
 
-_TEXT = WSMsgType.TEXT
+_TEXT: Final = WSMsgType.TEXT  # Final: a C static when compiled
 
 
 @mypyc_attr(native_class=False)  # a picows listener: see native.py

@@ -141,6 +141,9 @@ def new_session_id() -> str:
 
 
 #: A JSON number of 19 or more digits: possibly beyond 64 bits, where orjson gives a float.
+#: ``orjson.loads`` bound once: a C static when compiled, not a module lookup per message
+json_loads: Final = orjson.loads
+
 _BIG_INT: Final = re.compile(rb"[:\[,]\s*-?\d{19}")
 _BIG_INT_TEXT: Final = re.compile(r"[:\[,]\s*-?\d{19}")
 
@@ -152,7 +155,7 @@ def loads_exact(data: bytes | str) -> Any:
     or parameters. They are rare in JSON-RPC; when a cheap scan finds one, the standard
     library parser (exact integers) is used instead. Raises ``orjson.JSONDecodeError``.
     """
-    obj = orjson.loads(data)
+    obj = json_loads(data)
     big = _BIG_INT_TEXT.search(data) if isinstance(data, str) else _BIG_INT.search(data)
     if big is not None:
         obj = json.loads(data)
@@ -168,7 +171,7 @@ def loads_request(data: bytes | str) -> Any:
     """
     if data[:1] in ("[", b"["):
         return loads_exact(data)
-    return orjson.loads(data)
+    return json_loads(data)
 
 
 def exact_id(raw: bytes | str, parsed_id: Any) -> Any:

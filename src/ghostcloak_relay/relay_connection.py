@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import orjson
 from mypy_extensions import mypyc_attr
@@ -30,10 +30,12 @@ __all__ = ["RelayConnection", "RelaySession"]
 
 log = logging.getLogger("ghostcloak_relay.relay")
 
-_TEXT = WSMsgType.TEXT
-_PROXY_HEAD = '{"type":"proxy","sessionId":"'
-_SID_START = len(_PROXY_HEAD)
-_PAYLOAD_SEP = '","payload":'
+# Final: constants, kept in C statics when compiled (no module-dict lookup per message)
+_TEXT: Final = WSMsgType.TEXT
+_PROXY_HEAD: Final = '{"type":"proxy","sessionId":"'
+_SID_START: Final = len(_PROXY_HEAD)
+_PAYLOAD_SEP: Final = '","payload":'
+_PAYLOAD_AT: Final = len(_PAYLOAD_SEP)
 
 
 class RelaySession(UpstreamSession):
@@ -92,7 +94,7 @@ class RelayConnection(ClientConnection):
             if end > 0 and text.startswith(_PAYLOAD_SEP, end):
                 session = self.by_id.get(text[_SID_START:end])
                 if session is not None:
-                    raw = text[end + len(_PAYLOAD_SEP) : -1]
+                    raw = text[end + _PAYLOAD_AT : -1]
                     try:
                         payload = protocol.loads_request(raw)
                     except orjson.JSONDecodeError:

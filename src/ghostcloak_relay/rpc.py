@@ -89,10 +89,13 @@ _TERMINAL_TX_EVENTS: Final = frozenset({"finalized", "error", "invalid", "droppe
 _OWN_ID_PREFIX: Final = "ghostcloak-relay/"
 
 # kinds of requests in flight
-_PLAIN, _SUB, _UNSUB, _OWN = 0, 1, 2, 3
+_PLAIN: Final = 0
+_SUB: Final = 1
+_UNSUB: Final = 2
+_OWN: Final = 3
 
 
-_KINDS: dict[str, int] = {}
+_KINDS: Final[dict[str, int]] = {}
 _MAX_KINDS: Final = 4096  # method names come from clients: bound the memo
 
 

@@ -17,7 +17,7 @@ limit is reached, 1007/1002/1009 for protocol violations. The close reason is th
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import orjson
 from mypy_extensions import mypyc_attr
@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CLOSE_CODES", "PlainSession", "RpcConnection"]
 
-_TEXT = WSMsgType.TEXT
-_BINARY = WSMsgType.BINARY
+_TEXT: Final = WSMsgType.TEXT  # Final: C statics when compiled
+_BINARY: Final = WSMsgType.BINARY
 
 #: Close code the relay uses for each way a session can end (the reason is the text).
 CLOSE_CODES: dict[EndReason, WSCloseCode] = {

@@ -15,14 +15,14 @@ import asyncio
 import logging
 from collections import deque
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from picows import WSCloseCode, WSMsgType, WSTransport
 
 from .limits import TokenBucket
 from .logs import ref, safe_exception
-from .protocol import EndReason, ErrorCode, dumps_exact, exact_id, loads_exact
+from .protocol import EndReason, ErrorCode, dumps_exact, exact_id, json_loads, loads_exact
 from .rpc import (
     BATCH_TOO_LARGE,
     DROP,
@@ -41,8 +41,8 @@ __all__ = ["State", "UpstreamSession"]
 
 log = logging.getLogger("ghostcloak_relay.session")
 
-_TEXT = WSMsgType.TEXT
-_BINARY = WSMsgType.BINARY
+_TEXT: Final = WSMsgType.TEXT  # Final: C statics when compiled
+_BINARY: Final = WSMsgType.BINARY
 
 #: Pause before each further node tried for one session start (seconds; the last value
 #: repeats). Every configured node is tried once before ``upstream_unavailable``.
@@ -62,6 +62,9 @@ class State(Enum):
     CONNECTING = 1
     OPEN = 2
     CLOSED = 3
+
+
+_OPEN: Final = State.OPEN  # for the hot path: a C static when compiled
 
 
 class UpstreamSession:
@@ -200,7 +203,7 @@ class UpstreamSession:
         log.debug("session %s open", ref(self.session_id))
 
     def on_upstream_message(self, data: bytes, binary: bool) -> None:
-        if self.state is not State.OPEN:
+        if self.state is not _OPEN:
             return
         self.last_active = self._server.now
         stats = self._stats
@@ -210,7 +213,7 @@ class UpstreamSession:
         if rpc is not None or self.needs_json:
             try:
                 # a batch answer may be re-encoded (merged refusals): keep its integers exact
-                msg = loads_exact(data) if data[:1] == b"[" else orjson.loads(data)
+                msg = loads_exact(data) if data[:1] == b"[" else json_loads(data)
             except orjson.JSONDecodeError:
                 log.info("session %s: node sent a message that is not JSON", ref(self.session_id))
                 self.end(EndReason.UPSTREAM_ERROR)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from mypy_extensions import mypyc_attr
 from picows import WSCloseCode, WSMsgType, WSTransport, ws_connect
@@ -26,7 +26,7 @@ from .logs import SILENT
 
 __all__ = ["USER_AGENT", "UpstreamListener", "UpstreamSink", "connect"]
 
-_TEXT = WSMsgType.TEXT
+_TEXT: Final = WSMsgType.TEXT  # Final: a C static when compiled
 
 #: The only header the relay adds to the upstream handshake: generic, the same for all.
 USER_AGENT = "ghostcloak-relay"
