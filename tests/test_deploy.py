@@ -480,8 +480,11 @@ def test_alert_rules_are_complete() -> None:
 
 
 def test_alert_rules_pass_promtool_when_available() -> None:
-    promtool = shutil.which("promtool")
+    unpacked = ROOT / ".tools" / "prometheus" / "usr" / "bin" / "promtool"  # setup-promtool.sh
+    promtool = shutil.which("promtool") or (str(unpacked) if unpacked.is_file() else None)
     if promtool is None:
+        if os.environ.get("RELAY_REQUIRE_PROMTOOL") == "1":
+            pytest.fail("RELAY_REQUIRE_PROMTOOL=1 but scripts/setup-promtool.sh found no promtool")
         pytest.skip("promtool not installed (Debian package prometheus); structure checked above")
     result = subprocess.run(
         [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60

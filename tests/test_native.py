@@ -123,3 +123,26 @@ def test_stats_fields_list_every_counter() -> None:
     s.refused["queue_full"] += 1
     merged = s.merged([s.snapshot()])
     assert (merged.msgs_to_node, merged.rtt_sum, merged.refused["queue_full"]) == (6, 1.0, 2)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "bucket"),
+    [
+        (0.0, 0),
+        (0.0001, 0),
+        (0.001, 0),  # a bound belongs to its bucket (Prometheus "le")
+        (0.0010001, 1),
+        (0.0025, 1),
+        (0.7, 9),
+        (60.0, len(stats.RTT_BUCKETS) - 1),
+        (60.5, len(stats.RTT_BUCKETS)),  # +Inf
+    ],
+)
+def test_round_trip_buckets_are_le_bounds(seconds: float, bucket: int) -> None:
+    """The hot-path histogram (a scan, not bisect, when compiled) puts each round trip in
+    the first bucket whose bound is >= it, as bisect_left and Prometheus' le do."""
+    s = stats.Stats(1)
+    s.observe_rtt(seconds)
+    assert s.rtt_counts.index(1) == bucket
+    assert sum(s.rtt_counts) == 1
+    assert s.rtt_sum == seconds
