@@ -530,13 +530,15 @@ def chart(result: dict[str, Any], cdfs: dict[str, dict[str, list[float]]], path:
         )
         for bar, v in zip(bars, names, strict=True):
             ratio = row[v]["cpu_ratio_nginx"]
-            label = f"{bar.get_height():.1f} µs" + (f"\n{ratio:.2f}× nginx" if ratio else "")
+            label = f"{bar.get_height():.1f} µs" + (
+                f"\n{ratio:.2f}×" + (" nginx" if len(names) <= 3 else "") if ratio else ""
+            )
             ax2.annotate(
                 label,
                 (bar.get_x() + bar.get_width() / 2, bar.get_height() / 2),
                 ha="center",
                 va="center",
-                fontsize=9,
+                fontsize=9 if len(names) <= 3 else 8,
                 color="white",
                 fontweight="bold",
             )
