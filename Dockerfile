@@ -6,7 +6,7 @@
 
 # Build stage: the full Python image has the C compiler that mypyc needs to compile the
 # data plane (docs/operations.md, "Compiled data plane"); the result is one venv.
-FROM python:3.12 AS build
+FROM python:3.12-bookworm AS build
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -23,10 +23,11 @@ RUN python -m venv /opt/relay \
     && /opt/relay/bin/pip install "/app[native]" \
     && /opt/relay/bin/python scripts/build_native.py \
     && /opt/relay/bin/pip install --no-deps --force-reinstall /app \
-    && /opt/relay/bin/pip uninstall -y mypy setuptools
+    && /opt/relay/bin/pip uninstall -y mypy setuptools librt pathspec ast-serialize
 
-# Run stage: slim, the venv only.
-FROM python:3.12-slim
+# Run stage: slim, the venv only; the same Debian release and Python as the build stage,
+# so the compiled modules load (if they did not, the relay would run as pure Python).
+FROM python:3.12-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

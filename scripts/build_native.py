@@ -2,8 +2,9 @@
 
     python scripts/build_native.py [--out DIR] [--force]
 
-Writes the compiled modules and a stamp of the sources they came from to DIR (default
-src/ghostcloak_relay/_native). Does nothing when the stamp already matches the sources.
+Writes the compiled modules and a stamp of the sources they came from (every module of
+the package, and the interpreter) to DIR (default src/ghostcloak_relay/_native). Does
+nothing when the stamp already matches.
 Needs mypy (which brings mypyc), setuptools and a C compiler; exits 1 with a one-line
 reason when the build fails, and the relay then runs as pure Python.
 """
@@ -24,7 +25,9 @@ sys.path.insert(0, str(PACKAGE))
 import native  # noqa: E402  (the module alone: importing the package would activate a build)
 
 
-def build(out: Path) -> None:
+def build(out: Path, digest: str) -> None:
+    """Compile into ``out`` and stamp it with ``digest``, the sources' digest taken before
+    the build (so a file saved during the build leaves a stamp that does not match)."""
     from mypyc.build import mypycify
     from setuptools import setup
 
@@ -37,7 +40,7 @@ def build(out: Path) -> None:
             extensions = mypycify(
                 paths,
                 opt_level="3",
-                group_name="ghostcloak_relay_native",
+                group_name=native.GROUP,
                 target_dir=str(Path(tmp) / "c"),
             )
             os.chdir(tmp)  # not beside pyproject.toml: setuptools would read the project
@@ -58,7 +61,7 @@ def build(out: Path) -> None:
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(stage, out)
-    (out / native.STAMP).write_text(native.source_digest(PACKAGE) + "\n")
+    (out / native.STAMP).write_text(digest + "\n")
 
 
 def main() -> int:
@@ -74,10 +77,13 @@ def main() -> int:
         return 0
     started = time.monotonic()
     try:
-        build(out)
+        build(out, current)
     except (Exception, SystemExit) as exc:  # setuptools reports a failed compile as SystemExit
         print(f"native: build failed, the relay runs as pure Python: {exc}", file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True)
+        return 1
+    if native.source_digest(PACKAGE) != current:
+        print("native: sources changed during the build; run it again", file=sys.stderr)
         return 1
     took = time.monotonic() - started
     print(f"native: compiled {len(native.MODULES)} modules with mypyc in {took:.0f} s")

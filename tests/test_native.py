@@ -77,6 +77,48 @@ def test_an_edited_source_never_runs_as_stale_compiled_code(tmp_path: Path) -> N
     assert _compiled(stale["files"]) == set()
 
 
+@pytest.mark.skipif(not BUILT and not REQUIRED, reason="no compiled build (no C compiler?)")
+def test_a_shared_library_that_cannot_load_means_pure_python(tmp_path: Path) -> None:
+    """A current stamp is not enough: when the library itself does not load here (built
+    against another libc, say), the relay runs as pure Python instead of failing."""
+    copy = tmp_path / "ghostcloak_relay"
+    shutil.copytree(native.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (library,) = (copy / "_native").glob(f"{native.SHARED_LIBRARY}.*")
+    library.write_bytes(b"not an ELF file")
+    broken = _probe(tmp_path)
+    assert broken["native"] is False
+    assert _compiled(broken["files"]) == set()
+
+
+@pytest.mark.slow
+def test_the_core_suites_pass_as_pure_python() -> None:
+    """CI runs everything against the compiled build; the interpreter (what a machine
+    without a C compiler runs) must pass the core behaviour suites too."""
+    suites = [
+        "test_relay.py",
+        "test_rpc_endpoint.py",
+        "test_policy.py",
+        "test_limits.py",
+        "test_backpressure.py",
+        "test_privacy.py",
+        "test_protocol.py",
+        "test_frames.py",
+        "test_drain.py",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]
+        + [f"tests/{name}" for name in suites],
+        env={**os.environ, "RELAY_PURE_PYTHON": "1"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout.splitlines()[-1]
+    assert "failed" not in run.stdout.splitlines()[-1]
+
+
 def test_relay_pure_python_turns_the_compiled_modules_off() -> None:
     pure = _probe(ROOT / "src", {"RELAY_PURE_PYTHON": "1"})
     assert pure["native"] is False

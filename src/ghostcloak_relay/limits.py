@@ -89,6 +89,8 @@ class _Client:
 class ClientRegistry:
     """Open connections and the shared rate bucket of each client address (hashed)."""
 
+    __slots__ = ("_clients", "_clock", "max_connections", "rate")
+
     def __init__(
         self, max_connections: int, rate: float, clock: Callable[[], float] = time.monotonic
     ) -> None:

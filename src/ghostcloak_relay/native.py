@@ -4,21 +4,24 @@ Profiling the relay under load (``bench/``) shows its user-space CPU is mostly t
 CPython interpreter running the per-message path. mypyc compiles that same typed source
 to C, with no second implementation to keep in step: the modules in :data:`MODULES` are
 built by ``scripts/build_native.py`` (which ``scripts/setup.sh`` runs) into
-``_native/`` inside this package, together with a digest of the sources they were built
-from.
+``_native/`` inside this package, together with a digest of what they were built from:
+every module of the package (compiled code relies on the declared types of the others
+too, such as ``Settings``) and the interpreter and extension ABI they are for.
 
 :func:`activate` (called by the package ``__init__``) puts the compiled modules first on
 the package's search path only when that digest matches the ``.py`` files beside them
-and the build is for this interpreter; otherwise, or with ``RELAY_PURE_PYTHON=1``, the
-plain Python modules are imported and everything behaves the same, only slower. A
-source edited after the build therefore never runs as stale compiled code.
+and their shared library imports; otherwise, or with ``RELAY_PURE_PYTHON=1``, the plain
+Python modules are imported and behave the same, at a higher CPU cost per message. A
+source edited after the build is therefore never run as stale compiled code.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import sys
+import sysconfig
 from pathlib import Path
 
 __all__ = ["MODULES", "NATIVE_DIR", "activate", "build_tag", "source_digest"]
@@ -41,19 +44,24 @@ MODULES = (
 PACKAGE_DIR = Path(__file__).resolve().parent
 NATIVE_DIR = PACKAGE_DIR / "_native"
 STAMP = "SOURCES"
+#: mypyc puts the code of all modules in one shared library, a top-level module that the
+#: per-module stubs import (its name follows ``group_name`` in scripts/build_native.py).
+GROUP = "ghostcloak_relay_native"
+SHARED_LIBRARY = f"{GROUP}__mypyc"
 
 
 def build_tag() -> str:
-    """What a build is only valid for: this interpreter's version and ABI."""
-    return f"{sys.implementation.cache_tag}-{sys.platform}-{sys.abiflags}"
+    """What a build is only valid for: this interpreter's version, platform and ABI."""
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ""
+    return f"{sys.implementation.cache_tag}-{sys.platform}-{sys.abiflags}-{suffix}"
 
 
 def source_digest(package_dir: Path = PACKAGE_DIR) -> str:
-    """Digest of the compiled modules' sources and the build tag (the stamp's content)."""
+    """Digest of every module of the package and the build tag (the stamp's content)."""
     digest = hashlib.sha256(build_tag().encode())
-    for name in MODULES:
-        digest.update(name.encode() + b"\0")
-        digest.update((package_dir / f"{name}.py").read_bytes())
+    for path in sorted(package_dir.glob("*.py")):
+        digest.update(path.name.encode() + b"\0")
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
@@ -72,9 +80,14 @@ def activate(package_path: list[str]) -> bool:
         return False
     if built_from != current:
         return False
-    # mypyc puts the code of all modules in one shared library, a top-level module
-    # with a digest in its name that the per-module stubs import.
-    if str(NATIVE_DIR) not in sys.path:
+    added = str(NATIVE_DIR) not in sys.path
+    if added:
         sys.path.append(str(NATIVE_DIR))
+    try:  # a library that cannot load here (built against another libc, say): pure Python
+        importlib.import_module(SHARED_LIBRARY)
+    except ImportError:
+        if added:
+            sys.path.remove(str(NATIVE_DIR))
+        return False
     package_path.insert(0, str(NATIVE_DIR / "ghostcloak_relay"))
     return True

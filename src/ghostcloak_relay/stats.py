@@ -53,6 +53,9 @@ FIELDS: Final = (
 
 
 class Stats:
+    # slots: the same in pure Python as compiled (no ad-hoc attributes, no __dict__)
+    __slots__ = FIELDS
+
     def __init__(self, nodes: int) -> None:
         self.msgs_to_node = 0
         self.bytes_to_node = 0
