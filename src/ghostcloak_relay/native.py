@@ -13,6 +13,11 @@ the package's search path only when that digest matches the ``.py`` files beside
 and their shared library imports; otherwise, or with ``RELAY_PURE_PYTHON=1``, the plain
 Python modules are imported and behave the same, at a higher CPU cost per message. A
 source edited after the build is therefore never run as stale compiled code.
+
+The picows listeners (subclasses of its Cython ``WSListener``) are marked
+``@mypyc_attr(native_class=False)``: as native classes mypyc would lay its own C struct
+over the base's, and picows calls them through the base's C vtable (a crash). Their
+methods are compiled all the same; only their attributes stay in a ``__dict__``.
 """
 
 from __future__ import annotations

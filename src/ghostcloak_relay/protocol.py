@@ -140,10 +140,10 @@ def new_session_id() -> str:
     return secrets.token_hex(16)
 
 
-#: A JSON number of 19 or more digits: possibly beyond 64 bits, where orjson gives a float.
 #: ``orjson.loads`` bound once: a C static when compiled, not a module lookup per message
 json_loads: Final = orjson.loads
 
+#: A JSON number of 19 or more digits: possibly beyond 64 bits, where orjson gives a float.
 _BIG_INT: Final = re.compile(rb"[:\[,]\s*-?\d{19}")
 _BIG_INT_TEXT: Final = re.compile(r"[:\[,]\s*-?\d{19}")
 
