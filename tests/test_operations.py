@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+import ghostcloak_relay
 from ghostcloak_relay.devnode import DevNode, start_devnode
 from ghostcloak_relay.server import RelayServer
 
@@ -656,6 +657,8 @@ async def test_metrics_count_a_known_workload_without_client_data_in_labels(
     assert m.get("ghostcloak_relay_upstream_rtt_seconds_sum") > 0
     assert m.get("ghostcloak_relay_ready") == 1
     assert m.get("process_resident_memory_bytes") > 0
+    plane = "compiled" if ghostcloak_relay.NATIVE else "python"
+    assert m.get("ghostcloak_relay_build_info", version="0.1.0", data_plane=plane) == 1
 
     forbidden = {s1, s2, "127.0.0.1", *methods, *(str(p) for p in client_ports)}
     for labels in m.labels:

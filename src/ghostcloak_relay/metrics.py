@@ -14,6 +14,8 @@ Families (all prefixed ``ghostcloak_relay_``; no label ever holds client data):
 * ``upstream_rtt_seconds`` histogram: request to answer, as the relay sees it;
 * ``draining`` and ``ready`` gauges, ``asyncio_tasks`` gauge;
 * ``tls_reloads_total{result}``, ``tls_certificate_expiry_timestamp_seconds``;
+* ``build_info{version,data_plane}`` (always 1): ``data_plane`` is ``compiled`` when the
+  mypyc-compiled hot path runs (:mod:`.native`), else ``python``;
 * the standard ``process_*`` families (resident memory, open fds, CPU seconds).
 """
 
@@ -32,6 +34,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from . import NATIVE, __version__
 from .stats import RTT_BUCKETS
 
 if TYPE_CHECKING:
@@ -51,6 +54,13 @@ class RelayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         server = self.server
         stats = server.server_stats()
+        info = GaugeMetricFamily(
+            P + "build_info",
+            "The relay's version and whether its data plane runs compiled",
+            labels=["version", "data_plane"],
+        )
+        info.add_metric([__version__, "compiled" if NATIVE else "python"], 1)
+        yield info
         yield GaugeMetricFamily(
             P + "sessions_active",
             "Sessions open now (both endpoints)",
