@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ghostcloak_relay.devnode import DevNode
@@ -108,3 +109,38 @@ async def _metric_is(port: int, name: str, labels: dict[str, str], want: float) 
 
 async def _health_below(port: int, n: int) -> bool:
     return await health(port) < n
+
+
+async def test_workers_drain_and_exit_when_the_supervisor_is_killed(
+    relay_process: Callable[..., Any], devnode: DevNode, client_factory: ClientFactory
+) -> None:
+    """SIGKILL (or the OOM killer) gives the supervisor no chance to pass SIGTERM on: its
+    workers must not go on serving the port unsupervised, but drain and exit."""
+    proc = relay_process(
+        {"MIDNIGHT_NODE": devnode.url, "RELAY_WORKERS": "2", "RELAY_SHUTDOWN_TIMEOUT": "3"}
+    )
+    await proc.wait_listening()
+    await eventually(lambda: len(children(proc.proc.pid)) == 2, what="two workers")
+    workers = children(proc.proc.pid)
+    c = await client_factory(f"ws://127.0.0.1:{proc.port}/relay")
+    await c.start("orphan-session-1")
+    assert (await c.call("orphan-session-1", "system_chain"))["result"] == "GhostCloak Dev"
+
+    proc.proc.kill()
+    assert await proc.wait_exit(10) == -signal.SIGKILL
+    # the session's worker drains: the session ends with "shutdown", then close 1001
+    ended = await c.until(type="session_ended", sessionId="orphan-session-1")
+    assert ended["reason"] == "shutdown"
+    await eventually(lambda: not any(_alive(pid) for pid in workers), 20, "workers gone")
+    with pytest.raises(OSError):
+        _, w = await asyncio.open_connection("127.0.0.1", proc.port)
+        w.close()
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, reaped by init soon, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"

@@ -7,6 +7,8 @@ over them. The supervisor runs no event loop: it waits for children and handles
 signals. A worker that dies is logged and started again (with a growing pause if it
 keeps dying). SIGTERM/SIGINT are passed to every worker, which drain as one server would;
 the supervisor exits 0 when all have exited 0. SIGHUP (certificate reload) is passed on.
+A worker whose supervisor is gone without passing anything on (SIGKILL, the OOM killer)
+gets SIGTERM from the kernel and drains too, instead of serving on unsupervised.
 
 Limits that are per process stay per worker: sessions per connection, per-client
 connection and rate limits (a client's connections may land on different workers), and
@@ -16,10 +18,12 @@ connection and rate limits (a client's connections may land on different workers
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -62,6 +66,8 @@ def run_workers(settings: Settings, serve: Callable[[Settings, Board, int], int]
     stopping = False
     crashes: dict[int, list[float]] = {i: [] for i in range(count)}
 
+    supervisor = os.getpid()
+
     def spawn(index: int) -> None:
         # Signals stay blocked across the fork: the supervisor cannot miss the new child,
         # and the child keeps them pending until its event loop handles them (run()).
@@ -70,6 +76,7 @@ def run_workers(settings: Settings, serve: Callable[[Settings, Board, int], int]
         if pid == 0:  # the worker
             for sig in SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
+            _drain_when_orphaned(supervisor)
             code = 1
             try:
                 code = serve(settings, board, index)
@@ -123,6 +130,18 @@ def run_workers(settings: Settings, serve: Callable[[Settings, Board, int], int]
         reserved.close()
     log.info("all workers stopped")
     return status
+
+
+def _drain_when_orphaned(supervisor: int) -> None:
+    """In a new worker: have the kernel send SIGTERM when the supervisor dies (Linux
+    ``PR_SET_PDEATHSIG``), so the worker drains as on an ordinary SIGTERM. A supervisor
+    that died before this call is caught by the parent check after it."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != supervisor:
+        os.kill(os.getpid(), signal.SIGTERM)  # pending until the event loop handles it
 
 
 def _kill(pid: int, signum: int) -> None:
