@@ -50,6 +50,14 @@ CLOSE_CODES: dict[EndReason, WSCloseCode] = {
 }
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class PlainSession(UpstreamSession):
     """The one session of an ``/rpc`` connection."""
 
@@ -115,24 +123,9 @@ class RpcConnection(ClientConnection):
         self._from_client(data, _BINARY)
 
     def on_json_bytes(self, data: bytes) -> None:
-        # the hot path with the method policy on: parsed as bytes and forwarded as they
-        # came; a message that does not parse is either invalid UTF-8 (close 1007, as for
-        # any text message) or not JSON (a JSON-RPC parse error answer)
-        session = self.session
-        if session is None:
-            return
-        try:
-            msg = protocol.loads_request(data)
-        except orjson.JSONDecodeError:
-            try:
-                data.decode()
-            except UnicodeDecodeError:
-                self.fail(FrameError(1007, "invalid UTF-8"))
-                return
-            session.reply(error_response(None, PARSE_ERROR))
-            return
-        if session.from_client(msg, data, _TEXT) is not None:
-            self._queue_full(session)
+        # the hot path with the method policy on: a whole text frame, parsed as bytes and
+        # forwarded as it came
+        self._from_client(data, _TEXT)
 
     def _from_client(self, data: str | bytes, opcode: WSMsgType) -> None:
         session = self.session
@@ -144,16 +137,17 @@ class RpcConnection(ClientConnection):
             try:
                 msg = protocol.loads_request(data)
             except orjson.JSONDecodeError:
+                # text not yet checked for UTF-8 (on_json_bytes) that does not parse may be
+                # invalid UTF-8: close 1007 as for any text message; else a parse error
+                if opcode is _TEXT and isinstance(data, bytes) and not _is_utf8(data):
+                    self.fail(FrameError(1007, "invalid UTF-8"))
+                    return
                 session.reply(error_response(None, PARSE_ERROR))
                 return
             error = session.from_client(msg, data, opcode)
-        if error is not None:
-            self._queue_full(session)
-
-    def _queue_full(self, session: PlainSession) -> None:
-        """The queue before the node's connection opened is full: close."""
-        self.close_transport(WSCloseCode.TRY_AGAIN_LATER, b"queue_full")
-        session.end(EndReason.CLIENT)
+        if error is not None:  # the queue before the node's connection opened is full
+            self.close_transport(WSCloseCode.TRY_AGAIN_LATER, b"queue_full")
+            session.end(EndReason.CLIENT)
 
     def on_close_frame(self, code: WSCloseCode) -> None:
         if self.session is not None:

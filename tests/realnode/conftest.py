@@ -164,17 +164,21 @@ class Chopsticks:
         return self.url
 
     def stop(self) -> None:
-        """SIGTERM this PID, wait, then SIGKILL it if needed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_GRACE_S)
+        stop_process(self.proc)
         self._drain.join(STOP_GRACE_S)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM a process we started (by its PID), wait, then SIGKILL it if needed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_GRACE_S)
 
 
 def _die_with_parent_hook() -> Callable[[], None] | None:
@@ -291,13 +295,7 @@ class RelayUnderTest:
         return f"ws://127.0.0.1:{self.port}{path}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_GRACE_S)
+        stop_process(self.proc)
         self._log.close()
 
 
