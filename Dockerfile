@@ -4,7 +4,7 @@
 # tests/test_container.py runs the install step and the start command below in a clean
 # virtual environment, since these machines have no Docker engine.
 
-# Build stage: the full Python image has the C compiler that mypyc needs to compile the
+# Build stage: the full Python image has the C compiler that mypyc and Cython need for the
 # data plane (docs/operations.md, "Compiled data plane"); the result is one venv.
 FROM python:3.12-bookworm AS build
 
@@ -17,13 +17,13 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY scripts/build_native.py ./scripts/
 
-# install step: dependencies and mypy, compile, install the relay with its compiled
+# install step: dependencies, mypy and Cython, compile, install the relay with its compiled
 # modules, drop the build tools
 RUN python -m venv /opt/relay \
     && /opt/relay/bin/pip install "/app[native]" \
     && /opt/relay/bin/python scripts/build_native.py \
     && /opt/relay/bin/pip install --no-deps --force-reinstall /app \
-    && /opt/relay/bin/pip uninstall -y mypy setuptools librt pathspec ast-serialize
+    && /opt/relay/bin/pip uninstall -y mypy cython setuptools librt pathspec ast-serialize
 
 # Run stage: slim, the venv only; the same Debian release and Python as the build stage,
 # so the compiled modules load (if they did not, the relay would run as pure Python).

@@ -1,11 +1,12 @@
-"""Compile the relay's hot-path modules with mypyc (see src/ghostcloak_relay/native.py).
+"""Compile the relay's hot-path modules with mypyc, and its frame gate with Cython (see
+src/ghostcloak_relay/native.py).
 
     python scripts/build_native.py [--out DIR] [--force]
 
 Writes the compiled modules and a stamp of the sources they came from (every module of
 the package, and the interpreter) to DIR (default src/ghostcloak_relay/_native). Does
 nothing when the stamp already matches.
-Needs mypy (which brings mypyc), setuptools and a C compiler; exits 1 with a one-line
+Needs mypy (which brings mypyc), Cython, setuptools and a C compiler; exits 1 with a one-line
 reason when the build fails, and the relay then runs as pure Python.
 """
 
@@ -28,8 +29,9 @@ import native  # noqa: E402  (the module alone: importing the package would acti
 def build(out: Path, digest: str) -> None:
     """Compile into ``out`` and stamp it with ``digest``, the sources' digest taken before
     the build (so a file saved during the build leaves a stamp that does not match)."""
+    from Cython.Build import cythonize
     from mypyc.build import mypycify
-    from setuptools import setup
+    from setuptools import Extension, setup
 
     paths = [str(PACKAGE / f"{name}.py") for name in native.MODULES]
     with tempfile.TemporaryDirectory(prefix="ghostcloak-native-") as tmp:
@@ -42,6 +44,16 @@ def build(out: Path, digest: str) -> None:
                 opt_level="3",
                 group_name=native.GROUP,
                 target_dir=str(Path(tmp) / "c"),
+            )
+            # against picows' C API (its picows.pxd, found on sys.path like the package)
+            extensions += cythonize(
+                [
+                    Extension(f"{native.PACKAGE}.{name}", [str(PACKAGE / f"{name}.pyx")])
+                    for name in native.CYTHON_MODULES
+                ],
+                build_dir=str(Path(tmp) / "cython"),
+                compiler_directives={"language_level": 3},
+                quiet=True,
             )
             os.chdir(tmp)  # not beside pyproject.toml: setuptools would read the project
             setup(
@@ -86,7 +98,10 @@ def main() -> int:
         print("native: sources changed during the build; run it again", file=sys.stderr)
         return 1
     took = time.monotonic() - started
-    print(f"native: compiled {len(native.MODULES)} modules with mypyc in {took:.0f} s")
+    print(
+        f"native: compiled {len(native.MODULES)} modules with mypyc and"
+        f" {len(native.CYTHON_MODULES)} with Cython in {took:.0f} s"
+    )
     return 0
 
 

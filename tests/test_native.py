@@ -8,6 +8,7 @@ The rest of the suite runs against whichever the setup produced: compiled in CI
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -35,7 +36,7 @@ def _probe(package_parent: Path, env: dict[str, str] | None = None) -> dict[str,
     code = (
         "import json, importlib, ghostcloak_relay as g\n"
         "files = {m: importlib.import_module('ghostcloak_relay.' + m).__file__"
-        f" for m in {native.MODULES!r}}}\n"
+        f" for m in {native.MODULES + native.CYTHON_MODULES!r}}}\n"
         "print(json.dumps({'native': g.NATIVE, 'files': files}))\n"
     )
     out = subprocess.run(
@@ -58,19 +59,20 @@ def _compiled(files: dict[str, str]) -> set[str]:
 def test_the_data_plane_is_compiled_when_required_and_all_or_nothing() -> None:
     here = _probe(ROOT / "src")
     compiled = _compiled(here["files"])
-    assert compiled in (set(), set(native.MODULES))  # never a mix of builds
+    assert compiled in (set(), {*native.MODULES, *native.CYTHON_MODULES})  # never a mix
     assert here["native"] == bool(compiled) == ghostcloak_relay.NATIVE
     if REQUIRED:
         assert here["native"], "RELAY_REQUIRE_NATIVE=1 but the compiled modules are not used"
 
 
 @pytest.mark.skipif(not BUILT and not REQUIRED, reason="no compiled build (no C compiler?)")
-def test_an_edited_source_never_runs_as_stale_compiled_code(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", ["session.py", "frame_gate.pyx"])
+def test_an_edited_source_never_runs_as_stale_compiled_code(tmp_path: Path, source: str) -> None:
     copy = tmp_path / "ghostcloak_relay"
     shutil.copytree(native.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     assert _probe(tmp_path)["native"] is True  # the same build, moved: still current
 
-    session = copy / "session.py"
+    session = copy / source
     session.write_text(session.read_text() + "\n# edited after the build\n")
     stale = _probe(tmp_path)
     assert stale["native"] is False
@@ -78,12 +80,14 @@ def test_an_edited_source_never_runs_as_stale_compiled_code(tmp_path: Path) -> N
 
 
 @pytest.mark.skipif(not BUILT and not REQUIRED, reason="no compiled build (no C compiler?)")
-def test_a_shared_library_that_cannot_load_means_pure_python(tmp_path: Path) -> None:
-    """A current stamp is not enough: when the library itself does not load here (built
-    against another libc, say), the relay runs as pure Python instead of failing."""
+@pytest.mark.parametrize("library", [f"{native.SHARED_LIBRARY}.*", "ghostcloak_relay/frame_gate.*"])
+def test_a_shared_library_that_cannot_load_means_pure_python(tmp_path: Path, library: str) -> None:
+    """A current stamp is not enough: when a library itself does not load here (built
+    against another libc, say), the relay runs as pure Python instead of failing; that
+    goes for the mypyc library and the Cython frame gate alike (never a mix)."""
     copy = tmp_path / "ghostcloak_relay"
     shutil.copytree(native.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (library,) = (copy / "_native").glob(f"{native.SHARED_LIBRARY}.*")
+    (library,) = (copy / "_native").glob(library)
     library.write_bytes(b"not an ELF file")
     broken = _probe(tmp_path)
     assert broken["native"] is False
@@ -103,6 +107,7 @@ def test_the_core_suites_pass_as_pure_python() -> None:
         "test_privacy.py",
         "test_protocol.py",
         "test_frames.py",
+        "test_frame_gate.py",
         "test_drain.py",
     ]
     run = subprocess.run(
@@ -117,6 +122,13 @@ def test_the_core_suites_pass_as_pure_python() -> None:
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout.splitlines()[-1]
     assert "failed" not in run.stdout.splitlines()[-1]
+
+
+def test_a_build_is_only_valid_for_the_picows_it_was_compiled_against() -> None:
+    """The Cython gate is compiled against picows' C structs: after a picows upgrade the
+    stamp no longer matches (pure Python until the next build) instead of crashing."""
+    picows = importlib.metadata.version("picows")
+    assert native.build_tag().endswith(f"-picows{picows}")
 
 
 def test_relay_pure_python_turns_the_compiled_modules_off() -> None:

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from mypy_extensions import mypyc_attr
 from picows import WSCloseCode, WSMsgType, WSTransport
-from picows.picows import WSListener
 
+from .frame_gate import FrameGate
 from .frames import FrameError, MessageAssembler, close_reply_code
 from .limits import TokenBucket
 from .logs import ref
@@ -43,7 +43,7 @@ _TEXT: Final = WSMsgType.TEXT  # Final: a C static when compiled
 
 
 @mypyc_attr(native_class=False)  # a picows listener: see native.py
-class ClientConnection(WSListener):
+class ClientConnection(FrameGate):
     """Base listener for one client WebSocket connection."""
 
     endpoint: ClassVar[str] = ""
@@ -58,8 +58,9 @@ class ClientConnection(WSListener):
         self.paused_since: float | None = None  # our outbound buffer is over its limit
         self._nodes_not_reading = 0
         self._assembler = MessageAssembler(server.settings.max_message_bytes)
-        #: hand whole text frames to on_json_bytes undecoded (saves a str copy per frame)
-        self.json_bytes = False
+        # whole text messages (FrameGate): decoded, to on_text; an endpoint may route them
+        # elsewhere (/rpc: to its session, undecoded)
+        self.whole_text = self.on_text
 
     # -- to be provided by the endpoint -----------
 
@@ -73,10 +74,6 @@ class ClientConnection(WSListener):
         raise NotImplementedError
 
     def on_binary(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def on_json_bytes(self, data: bytes) -> None:
-        """A whole text frame, not yet checked for UTF-8 (only when ``json_bytes``)."""
         raise NotImplementedError
 
     def on_close_frame(self, code: WSCloseCode) -> None:
@@ -114,9 +111,10 @@ class ClientConnection(WSListener):
         raw.set_write_buffer_limits(high=limit, low=limit // 4)
         self.opened()
 
-    def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+    def on_frame(self, transport: WSTransport, frame: Any) -> None:
         # frame: a picows WSFrame, typed Any because its fin/rsv bits are ints where
-        # picows' stub says bool, and compiled code (native.py) checks declared types
+        # picows' stub says bool, and compiled code (native.py) checks declared types.
+        # Whole text frames reach this only from the plain Python gate (frame_gate.py).
         if transport.is_close_frame_sent:
             # closing: picows 2.3 keeps delivering frames after it has refused one (for
             # example an oversized frame, closed with 1009); nothing more is acted on.
@@ -126,15 +124,18 @@ class ClientConnection(WSListener):
             self.fail(FrameError(1002, "reserved bits set"))
             return
         if msg_type is _TEXT and frame.fin and not self._assembler.in_progress:
-            if self.json_bytes:  # the endpoint parses it as JSON, which checks UTF-8 too
-                self.on_json_bytes(frame.get_payload_as_bytes())
+            handler = self.whole_text
+            if handler is None:  # disconnected
+                return
+            if self.text_as_bytes:  # the endpoint parses it as JSON, which checks UTF-8 too
+                handler(frame.get_payload_as_bytes())
                 return
             try:
                 text = frame.get_payload_as_utf8_text()
             except UnicodeDecodeError:
                 self.fail(FrameError(1007, "invalid UTF-8"))
                 return
-            self.on_text(text)
+            handler(text)
             return
         if msg_type is WSMsgType.CLOSE:
             try:
@@ -151,6 +152,7 @@ class ClientConnection(WSListener):
         except FrameError as exc:
             self.fail(exc)
             return
+        self.fragmented = self._assembler.in_progress  # the gate's fast path waits for the end
         if isinstance(message, str):
             self.on_text(message)
         elif message is not None:
@@ -158,6 +160,7 @@ class ClientConnection(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.closing = True
+        self.whole_text = None  # a bound method of this connection or its session: a cycle
         self.gone()
         if self.client_key is not None:
             self.server.clients.release(self.client_key)

@@ -17,19 +17,25 @@ source edited after the build is therefore never run as stale compiled code.
 The picows listeners (subclasses of its Cython ``WSListener``) are marked
 ``@mypyc_attr(native_class=False)``: as native classes mypyc would lay its own C struct
 over the base's, and picows calls them through the base's C vtable (a crash). Their
-methods are compiled all the same; only their attributes stay in a ``__dict__``.
+methods are compiled all the same; only their attributes stay in a ``__dict__``. Their
+common base, the frame gate (:data:`CYTHON_MODULES`, ``frame_gate.py``), is built with
+Cython against picows' C API instead, so the common frame never enters the interpreter
+between picows and the compiled code. It is compiled against picows' binary layout, so
+the build tag includes picows' version: a different picows means pure Python until the
+next build.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
 import os
 import sys
 import sysconfig
 from pathlib import Path
 
-__all__ = ["MODULES", "NATIVE_DIR", "activate", "build_tag", "source_digest"]
+__all__ = ["CYTHON_MODULES", "MODULES", "NATIVE_DIR", "activate", "build_tag", "source_digest"]
 
 #: The per-message path: framing, envelopes, policy, sessions, counters.
 MODULES = (
@@ -46,6 +52,10 @@ MODULES = (
     "upstream",
 )
 
+#: Built with Cython (a ``.pyx`` beside the ``.py`` of the same name), used with the above.
+CYTHON_MODULES = ("frame_gate",)
+
+PACKAGE = "ghostcloak_relay"
 PACKAGE_DIR = Path(__file__).resolve().parent
 NATIVE_DIR = PACKAGE_DIR / "_native"
 STAMP = "SOURCES"
@@ -58,13 +68,17 @@ SHARED_LIBRARY = f"{GROUP}__mypyc"
 def build_tag() -> str:
     """What a build is only valid for: this interpreter's version, platform and ABI."""
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ""
-    return f"{sys.implementation.cache_tag}-{sys.platform}-{sys.abiflags}-{suffix}"
+    try:
+        picows = importlib.metadata.version("picows")
+    except importlib.metadata.PackageNotFoundError:
+        picows = "none"
+    return f"{sys.implementation.cache_tag}-{sys.platform}-{sys.abiflags}-{suffix}-picows{picows}"
 
 
 def source_digest(package_dir: Path = PACKAGE_DIR) -> str:
     """Digest of every module of the package and the build tag (the stamp's content)."""
     digest = hashlib.sha256(build_tag().encode())
-    for path in sorted(package_dir.glob("*.py")):
+    for path in sorted([*package_dir.glob("*.py"), *package_dir.glob("*.pyx")]):
         digest.update(path.name.encode() + b"\0")
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -88,11 +102,16 @@ def activate(package_path: list[str]) -> bool:
     added = str(NATIVE_DIR) not in sys.path
     if added:
         sys.path.append(str(NATIVE_DIR))
+    package_path.insert(0, str(NATIVE_DIR / PACKAGE))
     try:  # a library that cannot load here (built against another libc, say): pure Python
         importlib.import_module(SHARED_LIBRARY)
+        for name in CYTHON_MODULES:
+            importlib.import_module(f"{PACKAGE}.{name}")
     except ImportError:
+        package_path.remove(str(NATIVE_DIR / PACKAGE))
+        for name in CYTHON_MODULES:
+            sys.modules.pop(f"{PACKAGE}.{name}", None)
         if added:
             sys.path.remove(str(NATIVE_DIR))
         return False
-    package_path.insert(0, str(NATIVE_DIR / "ghostcloak_relay"))
     return True

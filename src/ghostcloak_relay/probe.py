@@ -33,7 +33,7 @@ class _Collector:
     def on_upstream_open(self, transport: WSTransport) -> None:
         pass
 
-    def on_upstream_message(self, data: bytes, binary: bool) -> None:
+    def on_upstream_message(self, data: bytes, binary: bool = False) -> None:
         try:
             msg = orjson.loads(data)
         except orjson.JSONDecodeError:

@@ -68,6 +68,29 @@ class PlainSession(UpstreamSession):
         self.rpc_conn = conn
         self.client_code: WSCloseCode | None = None  # the client's own close code
 
+    def from_client_message(self, data: str | bytes, opcode: WSMsgType = _TEXT) -> None:
+        """A whole message from the client. Whole text frames come here straight from the
+        frame gate (``RpcConnection.whole_text``): as bytes with the method policy on,
+        parsed as they are and forwarded as they came."""
+        conn = self.rpc_conn
+        if self.rpc is None:  # policy off: untouched
+            error = self.to_node(opcode, data)
+        else:
+            try:
+                msg = protocol.loads_request(data)
+            except orjson.JSONDecodeError:
+                # text not yet checked for UTF-8 (text_as_bytes) that does not parse may be
+                # invalid UTF-8: close 1007 as for any text message; else a parse error
+                if opcode is _TEXT and isinstance(data, bytes) and not _is_utf8(data):
+                    conn.fail(FrameError(1007, "invalid UTF-8"))
+                    return
+                self.reply(error_response(None, PARSE_ERROR))
+                return
+            error = self.from_client(msg, data, opcode)
+        if error is not None:  # the queue before the node's connection opened is full
+            conn.close_transport(WSCloseCode.TRY_AGAIN_LATER, b"queue_full")
+            self.end(EndReason.CLIENT)
+
     def deliver(self, data: bytes, binary: bool) -> None:
         conn = self.rpc_conn
         if not conn.closing and conn.transport is not None:
@@ -113,41 +136,18 @@ class RpcConnection(ClientConnection):
             return
         core = server.manager.start(protocol.new_session_id(), owner=self)
         self.session = session = PlainSession(self, core)
-        self.json_bytes = session.rpc is not None
+        # whole text frames straight to the session; undecoded when it parses them as JSON
+        self.whole_text = session.from_client_message
+        self.text_as_bytes = session.rpc is not None
         session.begin()
 
     def on_text(self, text: str) -> None:
-        self._from_client(text, _TEXT)
+        if self.session is not None:
+            self.session.from_client_message(text, _TEXT)
 
     def on_binary(self, data: bytes) -> None:
-        self._from_client(data, _BINARY)
-
-    def on_json_bytes(self, data: bytes) -> None:
-        # the hot path with the method policy on: a whole text frame, parsed as bytes and
-        # forwarded as it came
-        self._from_client(data, _TEXT)
-
-    def _from_client(self, data: str | bytes, opcode: WSMsgType) -> None:
-        session = self.session
-        if session is None:
-            return
-        if session.rpc is None:  # policy off: untouched
-            error = session.to_node(opcode, data)
-        else:
-            try:
-                msg = protocol.loads_request(data)
-            except orjson.JSONDecodeError:
-                # text not yet checked for UTF-8 (on_json_bytes) that does not parse may be
-                # invalid UTF-8: close 1007 as for any text message; else a parse error
-                if opcode is _TEXT and isinstance(data, bytes) and not _is_utf8(data):
-                    self.fail(FrameError(1007, "invalid UTF-8"))
-                    return
-                session.reply(error_response(None, PARSE_ERROR))
-                return
-            error = session.from_client(msg, data, opcode)
-        if error is not None:  # the queue before the node's connection opened is full
-            self.close_transport(WSCloseCode.TRY_AGAIN_LATER, b"queue_full")
-            session.end(EndReason.CLIENT)
+        if self.session is not None:
+            self.session.from_client_message(data, _BINARY)
 
     def on_close_frame(self, code: WSCloseCode) -> None:
         if self.session is not None:

@@ -202,7 +202,7 @@ class UpstreamSession:
                     self.deliver(data if isinstance(data, bytes) else data.encode(), False)
         log.debug("session %s open", ref(self.session_id))
 
-    def on_upstream_message(self, data: bytes, binary: bool) -> None:
+    def on_upstream_message(self, data: bytes, binary: bool = False) -> None:
         if self.state is not _OPEN:
             return
         self.last_active = self._server.now

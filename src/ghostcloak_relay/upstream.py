@@ -19,8 +19,8 @@ from typing import Any, Final, Protocol
 
 from mypy_extensions import mypyc_attr
 from picows import WSCloseCode, WSMsgType, WSTransport, ws_connect
-from picows.picows import WSListener
 
+from .frame_gate import FrameGate
 from .frames import FrameError, MessageAssembler, close_reply_code
 from .logs import SILENT
 
@@ -39,13 +39,13 @@ class UpstreamSink(Protocol):
     """What an upstream connection reports to (implemented by the session)."""
 
     def on_upstream_open(self, transport: WSTransport) -> None: ...
-    def on_upstream_message(self, data: bytes, binary: bool) -> None: ...
+    def on_upstream_message(self, data: bytes, binary: bool = False) -> None: ...
     def on_upstream_closed(self, clean: bool) -> None: ...
     def on_upstream_pause(self, stuck: bool) -> None: ...
 
 
 @mypyc_attr(native_class=False)  # a picows listener: see native.py
-class UpstreamListener(WSListener):
+class UpstreamListener(FrameGate):
     """picows listener for one upstream connection."""
 
     __slots__ = ("_assembler", "_clean_close", "_failed", "_sink")
@@ -56,13 +56,17 @@ class UpstreamListener(WSListener):
         self._assembler = MessageAssembler(max_message_bytes)
         self._clean_close = False
         self._failed = False
+        # whole text messages go to the sink as bytes, unchecked (it parses them as JSON)
+        self.whole_text = sink.on_upstream_message
+        self.text_as_bytes = True
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._sink.on_upstream_open(transport)
 
-    def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+    def on_frame(self, transport: WSTransport, frame: Any) -> None:
         # frame: a picows WSFrame, typed Any because its fin/rsv bits are ints where
-        # picows' stub says bool, and compiled code (native.py) checks declared types
+        # picows' stub says bool, and compiled code (native.py) checks declared types.
+        # Whole text frames reach this only from the plain Python gate (frame_gate.py).
         if transport.is_close_frame_sent:  # see RelayConnection.on_ws_frame
             return
         msg_type = frame.msg_type
@@ -92,12 +96,14 @@ class UpstreamListener(WSListener):
             transport.send_close(WSCloseCode(exc.code))
             transport.disconnect()
             return
+        self.fragmented = self._assembler.in_progress  # the gate's fast path waits for the end
         if isinstance(message, str):
             self._sink.on_upstream_message(message.encode(), False)
         elif message is not None:
             self._sink.on_upstream_message(message, True)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.whole_text = None  # the sink's bound method: a cycle through the session
         self._sink.on_upstream_closed(self._clean_close and not self._failed)
 
     def pause_writing(self) -> None:  # the node is not reading what we send
