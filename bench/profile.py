@@ -47,6 +47,30 @@ def record(pyspy: str, pid: int, seconds: float, out: Path, rate: int = 250) -> 
 
 _COMPILED = re.compile(r"^CPy(?:Def|Py)_(\w+?) \(")
 _LISTENER_METHOD = re.compile(r"^(\w+)_([A-Z]\w*)_obj$")
+_CYTHON = re.compile(r"^__pyx_(?:f|pf|pw)_16ghostcloak_relay_(\w+) \(")
+_LENGTH = re.compile(r"^(\d+)")
+
+
+def _cython_name(mangled: str) -> str | None:
+    """A Cython function's C symbol (after its package part) as the method it was
+    compiled from: ``10frame_gate_9FrameGate_on_ws_frame`` ->
+    ``FrameGate.on_ws_frame (ghostcloak_relay/frame_gate.pyx, compiled)`` (Cython writes
+    each name with its length in front; ``__pyx_f_`` is the C function, ``__pyx_pw_`` the
+    wrapper Python calls: one row)."""
+    names: list[str] = []
+    rest = mangled
+    for _ in range(2):  # module, class
+        m = _LENGTH.match(rest)
+        if m is None:
+            return None
+        n = int(m.group(1))
+        start = len(m.group(1))
+        names.append(rest[start : start + n])
+        rest = rest[start + n + 1 :]
+    method = re.sub(r"^\d+", "", rest)  # the wrapper numbers its methods: 3on_ws_frame
+    if not names[1] or not method:
+        return None
+    return f"{names[1]}.{method} (ghostcloak_relay/{names[0]}.pyx, compiled)"
 
 
 def _compiled_name(symbol: str) -> str | None:
@@ -80,11 +104,16 @@ def _name(frame: str) -> str:
         name = _compiled_name(m.group(1))
         if name is not None:
             return name
+    m = _CYTHON.match(frame)
+    if m is not None:
+        name = _cython_name(m.group(1))
+        if name is not None:
+            return name
     return _LINE.sub(")", frame)
 
 
 def _is_python(frame: str) -> bool:
-    return ".py)" in frame or ".py:" in frame or ".py, compiled)" in frame
+    return ".py)" in frame or ".py:" in frame or ", compiled)" in frame
 
 
 def summarize(path: Path, top: int = 15) -> dict[str, Any]:

@@ -646,7 +646,9 @@ def _data_plane() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return "compiled (mypyc)" if out == "True" else "pure Python (no current compiled build)"
+    if out != "True":
+        return "pure Python (no current compiled build)"
+    return "compiled (mypyc modules, Cython frame gate)"
 
 
 def _relay_env() -> dict[str, str]:

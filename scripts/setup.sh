@@ -2,7 +2,7 @@
 # Create the project's virtual environment and install the relay into it.
 #   scripts/setup.sh        runtime only (the demo)
 #   scripts/setup.sh test   runtime plus test and lint tools
-# Then compiles the data plane with mypyc (scripts/build_native.py; skipped while current,
+# Then compiles the data plane with mypyc and Cython (scripts/build_native.py; skipped while current,
 # and with RELAY_PURE_PYTHON=1). Without a C compiler the relay runs as pure Python,
 # unless RELAY_REQUIRE_NATIVE=1 (.ci/run), which makes a failed build fail the setup.
 # Idempotent: reinstalls only when pyproject.toml changed.

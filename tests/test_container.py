@@ -94,6 +94,14 @@ def test_install_and_start_steps_in_a_clean_venv(tmp_path: Path) -> None:
         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
     )
 
+    # a wheel with the compiled modules says which interpreter and platform it is for
+    (wheel_info,) = venv.glob("lib/python*/site-packages/ghostcloak_relay-*.dist-info/WHEEL")
+    tags = [line.split(": ", 1)[1] for line in wheel_info.read_text().splitlines() if ": " in line]
+    if os.environ.get("RELAY_REQUIRE_NATIVE") == "1":
+        assert "py3-none-any" not in tags
+        assert f"cp{sys.version_info[0]}{sys.version_info[1]}" in " ".join(tags)
+        assert "false" in tags  # Root-Is-Purelib
+
     env_vars = dict(re.findall(r"(\w+)=(\S+)", " ".join(v for k, v in ins if k == "ENV")))
     port = free_port()
     env = {

@@ -1,8 +1,9 @@
 """The frame gate (``frame_gate.py``/``.pyx``): the shortcut for whole text frames must
 route exactly as the listeners' full frame handling does, on every endpoint and both legs.
 
-The compiled build (CI) takes the Cython gate's shortcut; the plain Python relay sends
-every frame through ``on_frame``. These tests speak raw frames over real sockets, so they
+The compiled build (CI) takes the Cython gate's shortcut (test_native.py checks that it is
+the one in use); the plain Python relay sends every frame through ``on_frame`` (CI runs
+this file that way too). These tests speak raw frames over real sockets, so they
 can send what no client library will: a whole text frame inside a fragmented message,
 reserved bits, control frames between fragments.
 """
@@ -20,8 +21,6 @@ import orjson
 import pytest
 from websockets.asyncio.server import ServerConnection
 
-import ghostcloak_relay
-from ghostcloak_relay import frame_gate
 from ghostcloak_relay.policy import OFF_POLICY
 from ghostcloak_relay.server import RelayServer
 
@@ -157,13 +156,6 @@ async def gated(
         yield endpoint, relay, client
     finally:
         client.abort()
-
-
-def test_the_compiled_build_uses_the_cython_gate() -> None:
-    compiled = not frame_gate.__file__.endswith(".py")
-    assert compiled == ghostcloak_relay.NATIVE
-    if os.environ.get("RELAY_REQUIRE_NATIVE") == "1":
-        assert compiled
 
 
 async def test_fast_path_resumes_after_a_fragmented_message_with_a_ping_inside(
