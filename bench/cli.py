@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument(
+        "--separate-cpus-at-1",
+        action="store_true",
+        help="at 1 session, keep the proxy on its own CPU as at 50 and 500 (default: every "
+        "process on one CPU, so added latency is not the VM's cross-CPU wake-up cost)",
+    )
+    p.add_argument(
         "--quiet-wait",
         type=float,
         help="before each round, wait up to this many seconds for other processes to use "

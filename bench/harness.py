@@ -86,6 +86,18 @@ def _preexec(cpus: set[int] | None, soft_nofile: int | None = None) -> Callable[
     return setup
 
 
+def set_affinity(pids: Iterable[int], cpus: set[int]) -> None:
+    """Move every thread of each running process in ``pids`` to ``cpus``."""
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue  # gone: the phase reports it
+        for tid in tids:
+            with contextlib.suppress(OSError):  # a thread that just ended
+                os.sched_setaffinity(tid, cpus)
+
+
 def nofile_limits(pid: int) -> tuple[int, int] | None:
     """(soft, hard) ``Max open files`` of a running process, from /proc/<pid>/limits."""
     try:

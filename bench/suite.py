@@ -44,6 +44,7 @@ from .harness import (
     close_all,
     health,
     nofile_limits,
+    set_affinity,
     start_nginx,
     start_relay,
     start_upstream,
@@ -108,14 +109,24 @@ def _nginx_version(nginx: str) -> str:
 
 
 class Placement:
-    """Which CPUs each process may use."""
+    """Which CPUs each process may use.
 
-    def __init__(self, pin: bool) -> None:
+    At 50 and 500 sessions the proxy has a CPU of its own, so its CPU use is its own. At 1
+    session (unless ``separate_at_1``) every process shares the upstream's CPU: ``direct``
+    (generator and upstream) already runs on one CPU, and a proxy on another CPU would pay
+    a cross-CPU wake-up on each of its four hops per pair, which in a VM costs tens of
+    microseconds (the hypervisor's, not the proxy's) and would be counted as latency the
+    proxy adds. On one CPU the figure is the proxy's own work plus its context switches.
+    """
+
+    def __init__(self, pin: bool, separate_at_1: bool = False) -> None:
         cpus = sorted(os.sched_getaffinity(0))
         self.pinned = pin and len(cpus) >= 2
         self.proxy: set[int] | None = None
         self.upstream: set[int] | None = None
         self.gen: set[int] | None = None
+        #: where every process runs at 1 session (None: the usual placement)
+        self.one_cpu: set[int] | None = None
         self.gen_cpus = len(cpus)
         self.text = "not pinned"
         if not self.pinned:
@@ -128,6 +139,11 @@ class Placement:
             f"proxy on CPU {cpus[0]}, upstream on CPU {cpus[1]}, "
             f"generator on CPU {','.join(map(str, sorted(gen)))}{shared}"
         )
+        if separate_at_1:
+            self.text += "; the same at 1 session"
+        else:
+            self.one_cpu = {cpus[1]}
+            self.text += f"; at 1 session every process on CPU {cpus[1]} (bench/README.md)"
 
 
 class Bench:
@@ -156,7 +172,7 @@ class Bench:
         unknown = set(self.variants) - set(VARIANTS) - set(PURE_VARIANTS)
         if unknown:
             raise SystemExit(f"unknown variant(s): {', '.join(sorted(unknown))}")
-        self.place = Placement(not args.no_pin)
+        self.place = Placement(not args.no_pin, args.separate_cpus_at_1)
         if args.generators == "auto":
             self.generators = 2 if self.place.gen_cpus >= 2 else 1
         else:
@@ -267,6 +283,11 @@ class Bench:
         for name in ("upstream", *needs):
             self._ensure_alive(name)
         url, env_mode, proxy = self._target(variant)
+        one_cpu = self.place.one_cpu if level == 1 else None
+        gen_cpus = one_cpu or self.place.gen
+        moved = proxy.pids() if (one_cpu is not None and proxy is not None) else []
+        if one_cpu is not None:
+            set_affinity(moved, one_cpu)
         n_gen = min(level, self.generators if level >= 100 else 1)
         shares = [level // n_gen + (1 if k < level % n_gen else 0) for k in range(n_gen)]
         gens: list[GenProc] = []
@@ -280,7 +301,7 @@ class Bench:
                     "sessions": share,
                     "index": k,
                     "per_conn": PER_CONN,
-                    "cpus": sorted(self.place.gen) if self.place.gen else None,
+                    "cpus": sorted(gen_cpus) if gen_cpus else None,
                     "sample_pids": proxy.pids() if (proxy is not None and k == 0) else [],
                     "upstream_pids": [self.servers["upstream"].proc.pid] if k == 0 else [],
                     "lat_file": str(lat_files[k]),
@@ -308,6 +329,8 @@ class Bench:
             dones = [g.expect("done", self.warmup + self.duration + 60) for g in gens]
         finally:
             close_all(gens)
+            if moved and self.place.proxy is not None:
+                set_affinity(moved, self.place.proxy)
         lat = np.concatenate(
             [
                 np.fromfile(f, dtype=np.int64) if f.exists() else np.empty(0, np.int64)
