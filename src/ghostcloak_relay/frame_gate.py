@@ -12,8 +12,8 @@ closing) goes straight to :attr:`whole_text` as ``bytes`` (:attr:`text_as_bytes`
 C: picows calls a Python listener through a method lookup and a bound-method call per
 frame, and each frame field read from Python (``msg_type`` turns a C enum into a Python
 enum) is another lookup. mypyc cannot compile a native subclass of a Cython class
-(native.py), so these steps stayed in the interpreter: about 0.3 µs of user CPU per
-frame pair, a fifth of the relay's own cost at 50 sessions (``bench/``).
+(native.py), so these steps stayed in the interpreter: about 0.7 µs of user CPU per
+request/response pair, a sixth of the relay's user-space cost at 50 sessions (``bench/``).
 
 So the compiled gate is a shortcut, never a second implementation: :meth:`on_frame`
 handles the fast path's frames the same way when they reach it (it is what the plain
