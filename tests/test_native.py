@@ -72,22 +72,22 @@ def test_an_edited_source_never_runs_as_stale_compiled_code(tmp_path: Path, sour
     shutil.copytree(native.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     assert _probe(tmp_path)["native"] is True  # the same build, moved: still current
 
-    session = copy / source
-    session.write_text(session.read_text() + "\n# edited after the build\n")
+    edited = copy / source
+    edited.write_text(edited.read_text() + "\n# edited after the build\n")
     stale = _probe(tmp_path)
     assert stale["native"] is False
     assert _compiled(stale["files"]) == set()
 
 
 @pytest.mark.skipif(not BUILT and not REQUIRED, reason="no compiled build (no C compiler?)")
-@pytest.mark.parametrize("library", [f"{native.SHARED_LIBRARY}.*", "ghostcloak_relay/frame_gate.*"])
-def test_a_shared_library_that_cannot_load_means_pure_python(tmp_path: Path, library: str) -> None:
+@pytest.mark.parametrize("pattern", [f"{native.SHARED_LIBRARY}.*", "ghostcloak_relay/frame_gate.*"])
+def test_a_shared_library_that_cannot_load_means_pure_python(tmp_path: Path, pattern: str) -> None:
     """A current stamp is not enough: when a library itself does not load here (built
     against another libc, say), the relay runs as pure Python instead of failing; that
     goes for the mypyc library and the Cython frame gate alike (never a mix)."""
     copy = tmp_path / "ghostcloak_relay"
     shutil.copytree(native.PACKAGE_DIR, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (library,) = (copy / "_native").glob(library)
+    (library,) = (copy / "_native").glob(pattern)
     library.write_bytes(b"not an ELF file")
     broken = _probe(tmp_path)
     assert broken["native"] is False
