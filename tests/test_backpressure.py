@@ -20,7 +20,6 @@ printed (run with ``-s``) for the record only.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import socket
@@ -39,6 +38,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from .conftest import TIMEOUT, eventually
+from .rawws import frame, upgrade_request
 
 pytestmark = pytest.mark.slow
 
@@ -234,19 +234,6 @@ class RoundTrips:
 # -- a raw WebSocket client that never reads -------------------------------------------------
 
 
-def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """One masked, final client frame (RFC 6455 5.2)."""
-    mask = os.urandom(4)
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
-    elif n < 1 << 16:
-        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-    return head + mask + bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
-
-
 class StuckClient:
     """A raw TCP WebSocket client with a tiny receive buffer that reads nothing after the
     handshake (so the relay's outbound buffer towards it fills)."""
@@ -262,13 +249,7 @@ class StuckClient:
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         await asyncio.wait_for(loop.sock_connect(self.sock, ("127.0.0.1", self.port)), TIMEOUT)
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (
-            f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        await loop.sock_sendall(self.sock, request.encode())
+        await loop.sock_sendall(self.sock, upgrade_request(self.port, self.path))
         head = b""
         while b"\r\n\r\n" not in head:  # read the response head byte by byte: nothing more
             chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 1), TIMEOUT)
@@ -279,9 +260,7 @@ class StuckClient:
 
     async def send_json(self, obj: Any) -> None:
         loop = asyncio.get_running_loop()
-        await asyncio.wait_for(
-            loop.sock_sendall(self.sock, client_frame(orjson.dumps(obj))), TIMEOUT
-        )
+        await asyncio.wait_for(loop.sock_sendall(self.sock, frame(0x1, orjson.dumps(obj))), TIMEOUT)
 
     async def drain_until_gone(self, timeout: float = 20.0, cap: int = 256 * MiB) -> RawDrain:
         """Read everything the relay left in the connection until EOF or reset; parse

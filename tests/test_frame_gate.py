@@ -11,10 +11,8 @@ reserved bits, control frames between fragments.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -25,21 +23,10 @@ from ghostcloak_relay.policy import OFF_POLICY
 from ghostcloak_relay.server import RelayServer
 
 from .conftest import TIMEOUT, RelayFactory, ScriptedUpstream, UpstreamConn, eventually
+from .rawws import frame, handshake, read_frame
 
 TEXT, BINARY, CONTINUATION, CLOSE, PING = 0x1, 0x2, 0x0, 0x8, 0x9
 SID = "gate-session-1"
-
-
-def frame(opcode: int, payload: bytes, *, fin: bool = True, rsv1: bool = False) -> bytes:
-    """One masked client frame (RFC 6455 5.2) with the given bits."""
-    mask = os.urandom(4)
-    first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", first, 0x80 | n)
-    else:
-        head = struct.pack("!BBH", first, 0x80 | 126, n)
-    return head + mask + bytes(b ^ mask[i & 3] for i, b in enumerate(payload))
 
 
 class RawClient:
@@ -51,16 +38,7 @@ class RawClient:
 
     @classmethod
     async def open(cls, relay: RelayServer, path: str) -> RawClient:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", relay.port), TIMEOUT
-        )
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        reader, writer, head = await handshake(relay.port, path, TIMEOUT)
         assert head.startswith(b"HTTP/1.1 101"), head
         return cls(reader, writer)
 
@@ -72,18 +50,12 @@ class RawClient:
         """The next whole message (opcode, payload); server frames are unmasked."""
         opcode, message = None, b""
         while True:
-            b0, b1 = await asyncio.wait_for(self.reader.readexactly(2), TIMEOUT)
-            n = b1 & 0x7F
-            if n == 126:
-                (n,) = struct.unpack("!H", await self.reader.readexactly(2))
-            elif n == 127:
-                (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
-            payload = await asyncio.wait_for(self.reader.readexactly(n), TIMEOUT)
-            if b0 & 0x0F in (PING, 0xA):
+            this, fin, payload = await read_frame(self.reader, TIMEOUT)
+            if this in (PING, 0xA):
                 continue
-            opcode = opcode if b0 & 0x0F == CONTINUATION else b0 & 0x0F
+            opcode = opcode if this == CONTINUATION else this
             message += payload
-            if b0 & 0x80:
+            if fin:
                 return opcode, message
 
     async def read_json(self) -> Any:
@@ -188,25 +160,28 @@ async def test_a_whole_text_frame_inside_a_fragmented_message_is_1002(
     assert len(upstream.conns[0].received) == 1  # neither message reached the node
 
 
-async def test_reserved_bits_on_a_whole_text_frame_are_1002(
-    gated: tuple[Endpoint, RelayServer, RawClient], upstream: ScriptedUpstream
-) -> None:
-    endpoint, relay, client = gated
-    assert await _round_trip(endpoint, client, 1)
-    await client.send(frame(TEXT, endpoint.message(2), rsv1=True))
-    assert await client.close_code() == 1002
-    await eventually(lambda: relay.manager.active_count() == 0)
-    assert len(upstream.conns[0].received) == 1
+def _reserved_bits(message: bytes) -> bytes:
+    return frame(TEXT, message, rsv=4)
 
 
-async def test_invalid_utf8_in_a_whole_text_frame_is_1007(
-    gated: tuple[Endpoint, RelayServer, RawClient], upstream: ScriptedUpstream
+def _invalid_utf8(message: bytes) -> bytes:
+    return frame(TEXT, message.replace(b"system_chain", b"system_\xffhain"))
+
+
+@pytest.mark.parametrize(
+    ("bad", "code"), [(_reserved_bits, 1002), (_invalid_utf8, 1007)], ids=["rsv", "utf8"]
+)
+async def test_a_refused_whole_text_frame_closes_and_never_reaches_the_node(
+    gated: tuple[Endpoint, RelayServer, RawClient],
+    upstream: ScriptedUpstream,
+    bad: Callable[[bytes], bytes],
+    code: int,
 ) -> None:
+    """Reserved bits (1002) and invalid UTF-8 (1007) on a whole text frame."""
     endpoint, relay, client = gated
     assert await _round_trip(endpoint, client, 1)
-    bad = endpoint.message(2).replace(b"system_chain", b"system_\xffhain")
-    await client.send(frame(TEXT, bad))
-    assert await client.close_code() == 1007
+    await client.send(bad(endpoint.message(2)))
+    assert await client.close_code() == code
     await eventually(lambda: relay.manager.active_count() == 0)
     assert len(upstream.conns[0].received) == 1
 
@@ -218,7 +193,7 @@ async def test_frames_after_the_relay_closed_are_not_acted_on(
     same batch must not take the shortcut to the node."""
     endpoint, relay, client = gated
     assert await _round_trip(endpoint, client, 1)
-    await client.send(frame(TEXT, endpoint.message(2), rsv1=True), frame(TEXT, endpoint.message(3)))
+    await client.send(frame(TEXT, endpoint.message(2), rsv=4), frame(TEXT, endpoint.message(3)))
     assert await client.close_code() == 1002
     await eventually(lambda: relay.manager.active_count() == 0)
     await asyncio.sleep(0.1)  # give a wrongly forwarded message time to arrive

@@ -18,7 +18,6 @@ with the smallest input known to show it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import json
@@ -66,6 +65,7 @@ from ghostcloak_relay.rpc import (
 from ghostcloak_relay.server import RelayServer
 
 from .conftest import RelayFactory, eventually, relay_url
+from .rawws import frame, handshake, read_frame
 
 FUZZ = settings(
     max_examples=200,
@@ -1219,13 +1219,6 @@ class GoodClient:
             self.problems.append(f"{type(exc).__name__}: {exc}")
 
 
-def frame(opcode: int, payload: bytes, fin: bool = True, rsv: int = 0) -> bytes:
-    """One masked client frame (RFC 6455 section 5.2), payload under 126 bytes."""
-    mask = random.randbytes(4)
-    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode, 0x80 | len(payload)])
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
 #: Framing violations that websockets will not send: each must close with 1002.
 VIOLATIONS: dict[str, bytes] = {
     "continuation without a message": frame(0x0, b"{}"),
@@ -1237,15 +1230,11 @@ VIOLATIONS: dict[str, bytes] = {
 
 async def raw_violation(server: RelayServer, path: str, violation: str, sid: str | None) -> Any:
     """Open a raw connection, maybe start a session, break the framing; the close code."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", server.port), WAIT)
     try:
-        key = base64.b64encode(random.randbytes(16)).decode()
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        reader, writer, head = await handshake(server.port, path, WAIT)
+    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        return f"no close frame: {type(exc).__name__}"
+    try:
         if not head.startswith(b"HTTP/1.1 101"):
             return f"handshake: {head[:40]!r}"
         if sid is not None:
@@ -1254,13 +1243,8 @@ async def raw_violation(server: RelayServer, path: str, violation: str, sid: str
             )
         writer.write(VIOLATIONS[violation])
         while True:  # skip what comes before the close frame
-            b0, b1 = await asyncio.wait_for(reader.readexactly(2), WAIT)
-            length = b1 & 0x7F
-            if length >= 126:
-                ext = await reader.readexactly(2 if length == 126 else 8)
-                length = int.from_bytes(ext, "big")
-            payload = await asyncio.wait_for(reader.readexactly(length), WAIT)
-            if b0 & 0x0F == 0x8:
+            opcode, _, payload = await read_frame(reader, WAIT)
+            if opcode == 0x8:
                 return int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         return f"no close frame: {type(exc).__name__}"
